@@ -1,0 +1,53 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test lint typecheck pytest bench install install-dev clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned, so no range below can pull a multi-GB CUDA build.
+	$(PIP) install -q "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base pyproject.toml
+	$(PIP) install -q -e ".[report]"
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base pyproject.toml
+	$(PIP) install -q -e ".[report,dev,tensorboard,lightning,transformers]"
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.dev
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/gradguard demo
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: $(VENV)/.dev
+	$(VENV)/bin/mypy
+
+pytest: $(VENV)/.dev
+	$(PY) -m pytest -n 2 tests
+
+test: browser lint typecheck pytest
+
+bench: $(VENV)/.dev
+	$(PIP) install -q zclip autoclip smartclip timm || true
+	$(PY) benchmarks/run.py --out docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
+
+# The HTML report is checked in a real headless Chromium (Debian's package), installed once.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)

@@ -1,0 +1,346 @@
+"""ACT: clipping rules, torch- and TF-compatible where those exist.
+
+torch-compatible (same signatures, same results for fp32; switch by changing an import):
+``clip_grad_norm_``, ``clip_grads_with_norm_``, ``clip_grad_value_`` and ``get_total_norm``.
+Each norm-based one also takes ``nonfinite=`` to decide what a NaN/inf total norm does:
+
+* ``"propagate"`` (torch's behaviour): a NaN norm makes every gradient NaN; an inf norm zeroes
+  the finite entries and turns inf entries into NaN.
+* ``"error"``: raise ``RuntimeError`` (one host sync, like torch's ``error_if_nonfinite``).
+* ``"skip"``: leave every gradient bit-for-bit untouched; ``~total_norm.isfinite()`` is the flag.
+* ``"zero"``: zero every gradient (one extra pass on a non-finite step only in effect, but the
+  pass runs every step so that there is no host sync).
+
+TF-compatible, out of place: ``clip_by_value``, ``clip_by_norm``, ``clip_by_global_norm``.
+
+No function here branches on a tensor value: the coefficient is clamped and multiplied, as torch
+does, so a clipped step never waits for the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from gradguard import _validate
+from gradguard._foreach import group_by_device_dtype, mul_, use_foreach
+from gradguard.buffer import ContiguousGrads
+from gradguard.norms import get_total_norm, grad_norms, tensor_norms
+
+__all__ = [
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_norm_",
+    "clip_by_value",
+    "clip_coefficient",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]
+
+TensorOrTensors = Tensor | Iterable[Tensor]
+EPS = 1e-6  # torch's, so results match bit for bit
+
+
+def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor, nonfinite: str) -> Tensor:
+    """The factor every gradient is multiplied by: ``min(max_norm / (total + 1e-6), 1)``.
+
+    For ``nonfinite="skip"`` a non-finite total gives 1 (gradients untouched); for ``"zero"``
+    it gives 0. Computed with ``torch.where`` so that no value is read on the host.
+    """
+    coef = torch.clamp(max_norm / (total_norm + EPS), max=1.0)
+    if nonfinite == "skip":
+        coef = torch.where(total_norm.isfinite(), coef, torch.ones_like(coef))
+    elif nonfinite == "zero":
+        coef = torch.where(total_norm.isfinite(), coef, torch.zeros_like(coef))
+    return coef
+
+
+def _scale_(grads: list[Tensor], coef: Tensor, nonfinite: str, foreach: bool | None) -> None:
+    mul_(grads, coef, foreach)
+    if nonfinite == "zero":
+        # 0 * inf is NaN: scrub what multiplication cannot zero. A no-op on finite gradients.
+        for g in grads:
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _check_nonfinite_error(total: Tensor, norm_type: float) -> None:
+    if not bool(total.isfinite()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is "
+            "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
+            "by the non-finite norm anyway, set `error_if_nonfinite=False`"
+        )
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    total_norm: Tensor,
+    foreach: bool | None = None,
+    *,
+    nonfinite: str = "propagate",
+) -> None:
+    """Drop-in for ``torch.nn.utils.clip_grads_with_norm_``: scale grads given a total norm.
+
+    ``grad *= min(max_norm / (total_norm + 1e-6), 1)``, in place.
+
+    Args:
+        parameters: tensors whose ``.grad`` is scaled, or a single tensor.
+        max_norm: the largest allowed total norm, finite and ``>= 0``.
+        total_norm: the norm from :func:`get_total_norm` (may be a DTensor or live elsewhere).
+        foreach: torch's flag.
+        nonfinite: what a NaN/inf ``total_norm`` does (module docstring).
+
+    Example:
+        >>> total = get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        >>> clip_grads_with_norm_(model.parameters(), 1.0, total)
+    """
+    max_norm = _validate.threshold("max_norm", max_norm)
+    mode = _validate.nonfinite_mode(nonfinite)
+    foreach = _validate.foreach_flag(foreach)
+    if not isinstance(total_norm, Tensor):
+        raise TypeError(f"total_norm must be a tensor, got {type(total_norm).__name__}")
+    params = _validate.materialize(parameters)
+    grads = _validate.grads_of(params)
+    if not grads:
+        return
+    if type(total_norm).__name__ == "DTensor":
+        total_norm = total_norm.full_tensor()  # type: ignore[attr-defined]
+    if mode == "error":
+        _check_nonfinite_error(total_norm, math.nan)
+    _scale_(grads, clip_coefficient(max_norm, total_norm, mode), mode, foreach)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: TensorOrTensors | ContiguousGrads,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    nonfinite: str = "propagate",
+) -> Tensor:
+    """Drop-in for ``torch.nn.utils.clip_grad_norm_``: clip the total gradient norm in place.
+
+    Same signature, same result (bit-identical for fp32/fp64 gradients), plus:
+
+    * fp16/bf16 gradients are measured in fp32 and the returned norm is fp32;
+    * ``nonfinite=`` chooses what a NaN/inf norm does (module docstring); ``"skip"`` leaves
+      the gradients untouched with no host sync;
+    * ``parameters`` may be a :class:`~gradguard.buffer.ContiguousGrads`, which measures and
+      scales one flat buffer per (device, dtype) instead of thousands of small tensors;
+    * bad input (negative/NaN ``max_norm``, ``norm_type <= 0``, integer or sparse gradients,
+      an exhausted generator, mixed device types) raises before anything changes.
+
+    Args:
+        parameters: parameters (their ``.grad`` is clipped) or a single tensor.
+        max_norm: the largest allowed total norm, finite and ``>= 0``.
+        norm_type: p > 0 or ``inf``.
+        error_if_nonfinite: raise ``RuntimeError`` on a NaN/inf norm (same as
+            ``nonfinite="error"``).
+        foreach: torch's flag.
+        nonfinite: ``"propagate"`` (torch), ``"error"``, ``"skip"`` or ``"zero"``.
+
+    Returns:
+        The total norm before clipping, a 0-dim tensor.
+
+    Example:
+        >>> loss.backward()
+        >>> total = gradguard.clip_grad_norm_(model.parameters(), 1.0, nonfinite="skip")
+        >>> optimizer.step()
+    """
+    max_norm = _validate.threshold("max_norm", max_norm)
+    mode = _validate.nonfinite_mode(nonfinite)
+    if not isinstance(error_if_nonfinite, bool):
+        raise TypeError("error_if_nonfinite must be a bool")
+    if error_if_nonfinite and mode == "propagate":
+        mode = "error"
+    if isinstance(parameters, ContiguousGrads):
+        p = _validate.norm_type(norm_type)
+        total = parameters.total_norm(p)
+        if mode == "error":
+            _check_nonfinite_error(total, p)
+        parameters.scale_(clip_coefficient(max_norm, total, mode), zero_nonfinite=mode == "zero")
+        return total
+    params = _validate.materialize(parameters)
+    grads = _validate.grads_of(params)
+    total = grad_norms(grads, norm_type, foreach=foreach).total
+    if mode == "error":
+        _check_nonfinite_error(total, float(norm_type))
+    if grads:
+        _scale_(grads, clip_coefficient(max_norm, total, mode), mode, foreach)
+    return total
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: TensorOrTensors, clip_value: float, foreach: bool | None = None
+) -> None:
+    """Drop-in for ``torch.nn.utils.clip_grad_value_``: clamp every gradient entry in place.
+
+    Entries are clamped to ``[-clip_value, clip_value]``; NaN stays NaN, as in torch.
+
+    Args:
+        parameters: parameters whose ``.grad`` is clamped, or a single tensor.
+        clip_value: finite and ``>= 0``.
+        foreach: torch's flag.
+
+    Example:
+        >>> gradguard.clip_grad_value_(model.parameters(), 0.5)
+    """
+    clip_value = _validate.threshold("clip_value", clip_value)
+    foreach = _validate.foreach_flag(foreach)
+    grads = _validate.grads_of(_validate.materialize(parameters))
+    for (device, _), group in group_by_device_dtype(grads).items():
+        if use_foreach(group, device, foreach):
+            torch._foreach_clamp_min_(group, -clip_value)
+            torch._foreach_clamp_max_(group, clip_value)
+        else:
+            for g in group:
+                g.clamp_(min=-clip_value, max=clip_value)
+
+
+@torch.no_grad()
+def clip_by_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    foreach: bool | None = None,
+) -> list[Tensor]:
+    """Clip each gradient to its own norm ``max_norm`` (per tensor, not global), in place.
+
+    ``grad *= min(max_norm / (||grad|| + 1e-6), 1)`` for each gradient separately: the rule of
+    TF's ``clip_by_norm`` applied to every gradient, or Keras' ``clipnorm``.
+
+    Args:
+        parameters: parameters whose ``.grad`` is clipped, or a single tensor.
+        max_norm: finite, ``>= 0``.
+        norm_type: p > 0 or ``inf``.
+        foreach: torch's flag.
+
+    Returns:
+        The per-gradient norms before clipping (fp32 for fp16/bf16), in order.
+
+    Example:
+        >>> norms = gradguard.clip_by_norm_(model.parameters(), 1.0)
+    """
+    max_norm = _validate.threshold("max_norm", max_norm)
+    p = _validate.norm_type(norm_type)
+    foreach = _validate.foreach_flag(foreach)
+    grads = _validate.grads_of(_validate.materialize(parameters))
+    norms = tensor_norms(grads, p, foreach)
+    if not grads:
+        return norms
+    coefs = [torch.clamp(max_norm / (n + EPS), max=1.0) for n in norms]
+    for (device, dtype), group in group_by_device_dtype(grads).items():
+        index = {id(g): i for i, g in enumerate(grads)}
+        factors = [coefs[index[id(g)]].to(device=device, dtype=dtype) for g in group]
+        if use_foreach(group, device, foreach):
+            torch._foreach_mul_(group, factors)
+        else:
+            for g, c in zip(group, factors):
+                g.mul_(c)
+    return norms
+
+
+# --- TF-compatible, out of place ------------------------------------------------------------
+
+
+def clip_by_value(
+    t: Tensor, clip_value_min: float | Tensor, clip_value_max: float | Tensor
+) -> Tensor:
+    """TF's ``tf.clip_by_value``: element-wise clamp into ``[clip_value_min, clip_value_max]``.
+
+    Args:
+        t: any real tensor.
+        clip_value_min, clip_value_max: bounds, ``min <= max`` (scalars or broadcastable).
+
+    Returns:
+        A new tensor; ``t`` is unchanged. NaN entries stay NaN.
+
+    Example:
+        >>> clip_by_value(torch.tensor([-3.0, 0.5, 9.0]), -1.0, 1.0)
+        tensor([-1.0000,  0.5000,  1.0000])
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"t must be a tensor, got {type(t).__name__}")
+    if not isinstance(clip_value_min, Tensor) and not isinstance(clip_value_max, Tensor):
+        lo = _validate.as_float("clip_value_min", clip_value_min)
+        hi = _validate.as_float("clip_value_max", clip_value_max)
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            raise ValueError(
+                f"clip_value_min must be <= clip_value_max (neither NaN), got {lo!r} and {hi!r}"
+            )
+        return t.clamp(min=lo, max=hi)
+    lo_t = torch.as_tensor(clip_value_min, dtype=t.dtype, device=t.device)
+    hi_t = torch.as_tensor(clip_value_max, dtype=t.dtype, device=t.device)
+    return torch.clamp(t, min=lo_t, max=hi_t)
+
+
+def clip_by_norm(t: Tensor, clip_norm: float) -> Tensor:
+    """TF's ``tf.clip_by_norm`` on one tensor: ``t * clip_norm / max(||t||_2, clip_norm)``.
+
+    Example:
+        >>> clip_by_norm(torch.tensor([3.0, 4.0]), 1.0)
+        tensor([0.6000, 0.8000])
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"t must be a tensor, got {type(t).__name__}")
+    clip_norm = _validate.threshold("clip_norm", clip_norm, allow_zero=False)
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    norm = torch.linalg.vector_norm(t, dtype=acc)
+    return (t * (clip_norm / torch.clamp(norm, min=clip_norm))).to(t.dtype)
+
+
+def clip_by_global_norm(
+    t_list: Sequence[Tensor | None], clip_norm: float, use_norm: Tensor | float | None = None
+) -> tuple[list[Tensor | None], Tensor]:
+    """TF's ``tf.clip_by_global_norm``: scale a list of tensors by one global L2 norm.
+
+    ``t_list[i] * clip_norm / max(global_norm, clip_norm)``, out of place, with TF's semantics:
+    ``None`` entries stay ``None``; ``use_norm`` skips computing the norm; a non-finite global
+    norm makes every output NaN (TF adds ``use_norm - use_norm`` to the scale on purpose).
+
+    Args:
+        t_list: tensors (or ``None``), e.g. a list of gradients.
+        clip_norm: the clipping ratio, finite and ``> 0``.
+        use_norm: a global norm to use instead of computing one.
+
+    Returns:
+        ``(list_clipped, global_norm)``; ``global_norm`` is the norm used (fp32 for bf16/fp16).
+
+    Example:
+        >>> clipped, norm = clip_by_global_norm([torch.tensor([3.0]), torch.tensor([4.0])], 1.0)
+        >>> norm
+        tensor(5.)
+    """
+    if isinstance(t_list, Tensor) or not isinstance(t_list, Sequence):
+        raise TypeError("t_list must be a list or tuple of tensors (or None entries)")
+    for i, t in enumerate(t_list):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"t_list[{i}] must be a tensor or None, got {type(t).__name__}")
+    present = [t for t in t_list if t is not None]
+    _validate.check_tensors(present, "t_list")
+    clip = _validate.threshold("clip_norm", clip_norm, allow_zero=False)
+    device = present[0].device if present else torch.device("cpu")
+    if use_norm is None:
+        global_norm = grad_norms(present, 2.0).total if present else torch.zeros((), device=device)
+    else:
+        if isinstance(use_norm, Tensor):
+            global_norm = use_norm.detach().to(device=device, dtype=torch.float32).reshape(())
+        else:
+            global_norm = torch.tensor(_validate.as_float("use_norm", use_norm), device=device)
+    # TF: scale = clip_norm * min(1 / use_norm, 1 / clip_norm) + (use_norm - use_norm)
+    scale = clip * torch.minimum(1.0 / global_norm, torch.tensor(1.0 / clip, device=device))
+    scale = scale + (global_norm - global_norm)
+    out: list[Tensor | None] = [
+        None if t is None else (t * scale.to(t.device)).to(t.dtype) for t in t_list
+    ]
+    return out, global_norm

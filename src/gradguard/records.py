@@ -1,0 +1,125 @@
+"""Records: per-step numbers kept on the device and flushed to the host every k steps.
+
+A training loop that calls ``.item()`` every step waits for the accelerator every step. The
+:class:`Recorder` instead keeps 0-dim tensors as they are and, every ``flush_every`` steps,
+moves them all to the host in one transfer per device, turning them into plain rows (dicts) that
+the sinks write (JSONL by default; CSV, TensorBoard and console sinks live in ``sinks``).
+
+Row schema (version ``SCHEMA_VERSION``): every row has ``v`` (schema version), ``kind`` and
+``step``. Kinds: ``"step"`` (per-step numbers: ``loss``, ``grad_norm``, ``clipped_norm``,
+``threshold``, ``clipped``, ``action``, ``lr``, optional ``layers`` = {name: grad norm}),
+``"action"`` (a guard response: ``action``, ``reason``), ``"probe"`` (a probe finding),
+``"diagnosis"`` and ``"meta"`` (run metadata). Values are JSON types: numbers, strings, bools,
+``None``, and one level of dicts of numbers. Non-finite floats stay floats (NaN, inf) in memory
+and are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` by text sinks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+SCHEMA_VERSION = 1
+
+Row = dict[str, Any]
+
+
+class Sink(Protocol):
+    """Where flushed rows go. ``write`` receives host rows in step order."""
+
+    def write(self, rows: list[Row]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _gather(pending: list[Row]) -> list[Row]:
+    """Replace every tensor in ``pending`` by a Python number, one transfer per device."""
+    slots: dict[torch.device, list[tuple[Row | dict[str, Any], str, Tensor]]] = {}
+    for row in pending:
+        for key, value in row.items():
+            if isinstance(value, Tensor):
+                slots.setdefault(value.device, []).append((row, key, value))
+            elif isinstance(value, dict):
+                for sub, v in value.items():
+                    if isinstance(v, Tensor):
+                        slots.setdefault(v.device, []).append((value, sub, v))
+    for items in slots.values():
+        flat = torch.stack([t.detach().reshape(()).double() for _, _, t in items]).cpu().tolist()
+        for (holder, key, t), x in zip(items, flat):
+            if t.dtype == torch.bool:
+                holder[key] = bool(x)
+            elif not t.dtype.is_floating_point:
+                holder[key] = int(x)
+            else:
+                holder[key] = float(x)
+    return pending
+
+
+class Recorder:
+    """A device-side buffer of rows, flushed to the host (and the sinks) every ``flush_every``.
+
+    Args:
+        sinks: objects with ``write(rows)`` and ``close()``.
+        flush_every: rows kept on the device between flushes (>= 1).
+        keep: keep flushed rows in ``self.rows`` (reports read them); ``False`` for long runs
+            that only stream to sinks.
+
+    Example:
+        >>> rec = Recorder(flush_every=100)
+        >>> rec.log(step, loss=loss.detach(), grad_norm=total)   # no host sync
+        >>> rec.flush()[-1]["loss"]
+    """
+
+    def __init__(self, sinks: Iterable[Sink] = (), flush_every: int = 50, keep: bool = True):
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be an int >= 1, got {flush_every!r}")
+        self.sinks = list(sinks)
+        self.flush_every = flush_every
+        self.keep = keep
+        self.rows: list[Row] = []
+        self._pending: list[Row] = []
+
+    def log(self, step: int, kind: str = "step", **values: Any) -> None:
+        """Queue one row; tensors stay on the device until the next flush."""
+        row: Row = {"v": SCHEMA_VERSION, "kind": kind, "step": int(step)}
+        for key, value in values.items():
+            row[key] = dict(value) if isinstance(value, dict) else value
+        self._pending.append(row)
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def event(self, step: int, kind: str, **values: Any) -> None:
+        """Queue a row and flush now: for rare events (actions, incidents) worth seeing at once."""
+        self.log(step, kind, **values)
+        self.flush()
+
+    def flush(self) -> list[Row]:
+        """Move queued rows to the host, hand them to every sink and return them."""
+        if not self._pending:
+            return []
+        rows = _gather(self._pending)
+        self._pending = []
+        if self.keep:
+            self.rows.extend(rows)
+        for sink in self.sinks:
+            sink.write(rows)
+        return rows
+
+    def close(self) -> None:
+        self.flush()
+        for sink in self.sinks:
+            sink.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Flushed rows and settings (pending rows are flushed first so nothing is lost)."""
+        self.flush()
+        return {"flush_every": self.flush_every, "keep": self.keep, "rows": list(self.rows)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.flush_every = int(state["flush_every"])
+        self.keep = bool(state["keep"])
+        self.rows = list(state["rows"])
+        self._pending = []
