@@ -123,3 +123,40 @@ class Recorder:
         self.keep = bool(state["keep"])
         self.rows = list(state["rows"])
         self._pending = []
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    return value
+
+
+def read_jsonl(path: str | Any) -> list[Row]:
+    """Read rows written by the JSONL sink (``"nan"``/``"inf"`` strings back to floats).
+
+    Raises:
+        ValueError: a line is not JSON, or a row lacks ``v``/``kind``/``step`` or has a newer
+            schema version than this gradguard understands.
+    """
+    import json
+    from pathlib import Path
+
+    rows: list[Row] = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+        if not isinstance(row, dict) or not {"v", "kind", "step"} <= row.keys():
+            raise ValueError(f"{path}:{n}: a record needs the keys v, kind and step")
+        if int(row["v"]) > SCHEMA_VERSION:
+            raise ValueError(
+                f"{path}:{n}: record schema v{row['v']} is newer than this gradguard "
+                f"understands (v{SCHEMA_VERSION}); upgrade gradguard"
+            )
+        rows.append({k: _decode(v) for k, v in row.items()})
+    return rows
