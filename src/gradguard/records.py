@@ -8,10 +8,16 @@ the sinks write (JSONL by default; CSV, TensorBoard and console sinks live in ``
 Row schema (version ``SCHEMA_VERSION``): every row has ``v`` (schema version), ``kind`` and
 ``step``. Kinds: ``"step"`` (per-step numbers: ``loss``, ``grad_norm``, ``clipped_norm``,
 ``threshold``, ``clipped``, ``action``, ``lr``, optional ``layers`` = {name: grad norm}),
-``"action"`` (a guard response: ``action``, ``reason``), ``"probe"`` (a probe finding),
-``"diagnosis"`` and ``"meta"`` (run metadata). Values are JSON types: numbers, strings, bools,
-``None``, and one level of dicts of numbers. Non-finite floats stay floats (NaN, inf) in memory
-and are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` by text sinks.
+``"action"`` (a guard response: ``action``, ``reason``), ``"probe"`` (the probe: ``event`` is
+``"layers"`` for per-layer statistics, with the dicts ``layers`` (gradient norm),
+``out_grad_norm``, ``act_rms``, ``act_maxabs``, ``dead_frac`` = {layer name: value}, or
+``"nonfinite_forward"``/``"nonfinite_backward"`` for a finding: ``module``, ``where``,
+``call``, ``tensor``, ``nan``, ``inf``, ``numel``, ``maxabs``, ``rms``, ``inputs_finite``,
+``previous``, ``message``, ``inputs`` = {"<label>/<stat>": value}), ``"diagnosis"`` and
+``"meta"`` (run metadata). Values are JSON types: numbers, strings, bools, ``None``, and one
+level of dicts of numbers. Non-finite floats stay floats (NaN, inf) in memory and are written
+as the strings ``"nan"``, ``"inf"``, ``"-inf"`` by text sinks. docs/records.md has the full
+table.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ class Recorder:
 
     Args:
         sinks: objects with ``write(rows)`` and ``close()``.
-        flush_every: rows kept on the device between flushes (>= 1).
+        flush_every: flush when rows of this many distinct steps are queued (>= 1); a step's
+            several rows (the guard's, the probe's) count once.
         keep: keep flushed rows in ``self.rows`` (reports read them); ``False`` for long runs
             that only stream to sinks.
 
@@ -81,6 +88,7 @@ class Recorder:
         self.keep = keep
         self.rows: list[Row] = []
         self._pending: list[Row] = []
+        self._pending_steps: set[int] = set()
 
     def log(self, step: int, kind: str = "step", **values: Any) -> None:
         """Queue one row; tensors stay on the device until the next flush."""
@@ -88,7 +96,8 @@ class Recorder:
         for key, value in values.items():
             row[key] = dict(value) if isinstance(value, dict) else value
         self._pending.append(row)
-        if len(self._pending) >= self.flush_every:
+        self._pending_steps.add(row["step"])
+        if len(self._pending_steps) >= self.flush_every:
             self.flush()
 
     def event(self, step: int, kind: str, **values: Any) -> None:
@@ -102,6 +111,7 @@ class Recorder:
             return []
         rows = _gather(self._pending)
         self._pending = []
+        self._pending_steps = set()
         if self.keep:
             self.rows.extend(rows)
         for sink in self.sinks:
@@ -123,6 +133,7 @@ class Recorder:
         self.keep = bool(state["keep"])
         self.rows = list(state["rows"])
         self._pending = []
+        self._pending_steps = set()
 
 
 def _decode(value: Any) -> Any:
