@@ -45,6 +45,22 @@ def threshold(name: str, value: Any, *, allow_zero: bool = True) -> float:
     return x
 
 
+def threshold_or_tensor(name: str, value: Any) -> float | Tensor:
+    """Like :func:`threshold`, but a one-element floating tensor passes through unread.
+
+    An adaptive policy's threshold lives on the device; reading it to check its range would be a
+    host sync every step, so its shape and dtype are checked and its value is trusted.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.dtype.is_floating_point:
+            raise TypeError(
+                f"{name} must be a finite number >= 0 or a floating tensor with one element, got "
+                f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        return value.detach().reshape(())
+    return threshold(name, value)
+
+
 def norm_type(value: Any, name: str = "norm_type") -> float:
     """p > 0 or inf (``'inf'`` accepted, as in torch)."""
     p = as_float(name, value)
@@ -96,17 +112,31 @@ def materialize(parameters: Any, name: str = "parameters") -> list[Tensor]:
 
 
 def check_tensors(tensors: list[Tensor], name: str = "gradients") -> None:
-    """Floating dense tensors on a single device type."""
-    device_types: set[str] = set()
-    for i, t in enumerate(tensors):
-        if t.is_sparse or t.layout != torch.strided:
-            raise TypeError(
-                f"{name}[{i}] has layout {t.layout}; only dense (strided) tensors can be clipped. "
-                "Convert with .to_dense() or clip sparse gradients yourself"
-            )
-        if not (t.dtype.is_floating_point or t.dtype.is_complex):
-            raise TypeError(f"{name}[{i}] has dtype {t.dtype}; gradients must be floating point")
-        device_types.add(t.device.type)
+    """Floating dense tensors on a single device type.
+
+    The common case (all fine) reads three attributes per tensor; the slow per-tensor scan that
+    names the offending index runs only once something is wrong.
+    """
+    if not tensors:
+        return
+    strided = torch.strided
+    if any(t.layout != strided for t in tensors):
+        i = next(i for i, t in enumerate(tensors) if t.layout != strided)
+        raise TypeError(
+            f"{name}[{i}] has layout {tensors[i].layout}; only dense (strided) tensors can be "
+            "clipped. Convert with .to_dense() or clip sparse gradients yourself"
+        )
+    dtypes = {t.dtype for t in tensors}
+    if not all(d.is_floating_point or d.is_complex for d in dtypes):
+        i = next(
+            i
+            for i, t in enumerate(tensors)
+            if not (t.dtype.is_floating_point or t.dtype.is_complex)
+        )
+        raise TypeError(
+            f"{name}[{i}] has dtype {tensors[i].dtype}; gradients must be floating point"
+        )
+    device_types = {d.type for d in {t.device for t in tensors}}
     if len(device_types) > 1:
         raise ValueError(
             f"{name} live on several device types {sorted(device_types)}; clip each device's "

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from gradguard import _validate
-from gradguard._foreach import group_by_device_dtype, mul_, use_foreach
+from gradguard._foreach import Group, group_by_device_dtype, groups_of, mul_, use_foreach
 from gradguard.buffer import ContiguousGrads
-from gradguard.norms import get_total_norm, grad_norms, tensor_norms
+from gradguard.norms import _measure, get_total_norm, grad_norms, tensor_norms
 
 __all__ = [
     "clip_by_global_norm",
@@ -52,6 +52,8 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor, nonfinite: st
     For ``nonfinite="skip"`` a non-finite total gives 1 (gradients untouched); for ``"zero"``
     it gives 0. Computed with ``torch.where`` so that no value is read on the host.
     """
+    if isinstance(max_norm, Tensor):
+        max_norm = max_norm.to(total_norm.device)
     coef = torch.clamp(max_norm / (total_norm + EPS), max=1.0)
     if nonfinite == "skip":
         coef = torch.where(total_norm.isfinite(), coef, torch.ones_like(coef))
@@ -60,8 +62,14 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor, nonfinite: st
     return coef
 
 
-def _scale_(grads: list[Tensor], coef: Tensor, nonfinite: str, foreach: bool | None) -> None:
-    mul_(grads, coef, foreach)
+def _scale_(
+    grads: list[Tensor],
+    coef: Tensor,
+    nonfinite: str,
+    foreach: bool | None,
+    groups: list[Group] | None = None,
+) -> None:
+    mul_(grads, coef, foreach, groups=groups)
     if nonfinite == "zero":
         # 0 * inf is NaN: scrub what multiplication cannot zero. A no-op on finite gradients.
         for g in grads:
@@ -80,7 +88,7 @@ def _check_nonfinite_error(total: Tensor, norm_type: float) -> None:
 @torch.no_grad()
 def clip_grads_with_norm_(
     parameters: TensorOrTensors,
-    max_norm: float,
+    max_norm: float | Tensor,
     total_norm: Tensor,
     foreach: bool | None = None,
     *,
@@ -92,7 +100,8 @@ def clip_grads_with_norm_(
 
     Args:
         parameters: tensors whose ``.grad`` is scaled, or a single tensor.
-        max_norm: the largest allowed total norm, finite and ``>= 0``.
+        max_norm: the largest allowed total norm, finite and ``>= 0``; a one-element tensor
+            (an adaptive policy's threshold) is used without reading it on the host.
         total_norm: the norm from :func:`get_total_norm` (may be a DTensor or live elsewhere).
         foreach: torch's flag.
         nonfinite: what a NaN/inf ``total_norm`` does (module docstring).
@@ -101,7 +110,7 @@ def clip_grads_with_norm_(
         >>> total = get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         >>> clip_grads_with_norm_(model.parameters(), 1.0, total)
     """
-    max_norm = _validate.threshold("max_norm", max_norm)
+    max_norm = _validate.threshold_or_tensor("max_norm", max_norm)
     mode = _validate.nonfinite_mode(nonfinite)
     foreach = _validate.foreach_flag(foreach)
     if not isinstance(total_norm, Tensor):
@@ -120,7 +129,7 @@ def clip_grads_with_norm_(
 @torch.no_grad()
 def clip_grad_norm_(
     parameters: TensorOrTensors | ContiguousGrads,
-    max_norm: float,
+    max_norm: float | Tensor,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
@@ -141,7 +150,8 @@ def clip_grad_norm_(
 
     Args:
         parameters: parameters (their ``.grad`` is clipped) or a single tensor.
-        max_norm: the largest allowed total norm, finite and ``>= 0``.
+        max_norm: the largest allowed total norm, finite and ``>= 0``; a one-element tensor
+            (an adaptive policy's threshold) is used without reading it on the host.
         norm_type: p > 0 or ``inf``.
         error_if_nonfinite: raise ``RuntimeError`` on a NaN/inf norm (same as
             ``nonfinite="error"``).
@@ -156,26 +166,27 @@ def clip_grad_norm_(
         >>> total = gradguard.clip_grad_norm_(model.parameters(), 1.0, nonfinite="skip")
         >>> optimizer.step()
     """
-    max_norm = _validate.threshold("max_norm", max_norm)
+    max_norm = _validate.threshold_or_tensor("max_norm", max_norm)
     mode = _validate.nonfinite_mode(nonfinite)
     if not isinstance(error_if_nonfinite, bool):
         raise TypeError("error_if_nonfinite must be a bool")
     if error_if_nonfinite and mode == "propagate":
         mode = "error"
+    p = _validate.norm_type(norm_type)
+    foreach = _validate.foreach_flag(foreach)
     if isinstance(parameters, ContiguousGrads):
-        p = _validate.norm_type(norm_type)
         total = parameters.total_norm(p)
         if mode == "error":
             _check_nonfinite_error(total, p)
         parameters.scale_(clip_coefficient(max_norm, total, mode), zero_nonfinite=mode == "zero")
         return total
-    params = _validate.materialize(parameters)
-    grads = _validate.grads_of(params)
-    total = grad_norms(grads, norm_type, foreach=foreach).total
+    grads = _validate.grads_of(_validate.materialize(parameters))
+    groups = groups_of(grads)
+    _, total = _measure(groups, grads, p, foreach)
     if mode == "error":
-        _check_nonfinite_error(total, float(norm_type))
+        _check_nonfinite_error(total, p)
     if grads:
-        _scale_(grads, clip_coefficient(max_norm, total, mode), mode, foreach)
+        _scale_(grads, clip_coefficient(max_norm, total, mode), mode, foreach, groups)
     return total
 
 
@@ -330,15 +341,25 @@ def clip_by_global_norm(
     _validate.check_tensors(present, "t_list")
     clip = _validate.threshold("clip_norm", clip_norm, allow_zero=False)
     device = present[0].device if present else torch.device("cpu")
+    # The norm's dtype: fp64 when any input is fp64, else fp32 (also for fp16/bf16 inputs).
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
     if use_norm is None:
         global_norm = grad_norms(present, 2.0).total if present else torch.zeros((), device=device)
+        global_norm = global_norm.to(dtype)
+    elif isinstance(use_norm, Tensor):
+        if use_norm.numel() != 1 or not use_norm.dtype.is_floating_point:
+            raise TypeError(
+                "use_norm must be a number or a floating tensor with one element, got a "
+                f"{use_norm.dtype} tensor of shape {tuple(use_norm.shape)}"
+            )
+        global_norm = use_norm.detach().to(device=device, dtype=dtype).reshape(())
     else:
-        if isinstance(use_norm, Tensor):
-            global_norm = use_norm.detach().to(device=device, dtype=torch.float32).reshape(())
-        else:
-            global_norm = torch.tensor(_validate.as_float("use_norm", use_norm), device=device)
+        global_norm = torch.tensor(
+            _validate.as_float("use_norm", use_norm), device=device, dtype=dtype
+        )
     # TF: scale = clip_norm * min(1 / use_norm, 1 / clip_norm) + (use_norm - use_norm)
-    scale = clip * torch.minimum(1.0 / global_norm, torch.tensor(1.0 / clip, device=device))
+    inv_clip = torch.full((), 1.0 / clip, device=device, dtype=dtype)
+    scale = clip * torch.minimum(1.0 / global_norm, inv_clip)
     scale = scale + (global_norm - global_norm)
     out: list[Tensor | None] = [
         None if t is None else (t * scale.to(t.device)).to(t.dtype) for t in t_list

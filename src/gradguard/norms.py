@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gradguard import _validate
-from gradguard._foreach import group_by_device_dtype, use_foreach
+from gradguard._foreach import Group, groups_of, use_foreach
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -50,6 +50,46 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
+def _full_all(norms: list[Tensor]) -> list[Tensor]:
+    """Plain tensors for a group's norms: one collective for all DTensor norms, not one each."""
+    if not norms or not _is_dtensor(norms[0]):
+        return norms
+    try:
+        stacked = torch.stack(norms)
+    except (RuntimeError, NotImplementedError):  # placements stack cannot propagate
+        return [_full(n) for n in norms]
+    return list(_full(stacked).unbind(0))
+
+
+def _group_norms(groups: list[Group], norm_type: float, foreach: bool | None) -> list[list[Tensor]]:
+    """Per-tensor norms for each group (fp32 for fp16/bf16), DTensor norms made full."""
+    out = []
+    for g in groups:
+        acc = torch.float32 if g.dtype in LOW_PRECISION else None
+        if math.isinf(norm_type) and any(t.numel() == 0 for t in g.tensors):
+            # torch raises here (max has no identity); the norm of nothing is 0 for every p.
+            norms = [
+                torch.linalg.vector_norm(t, norm_type if t.numel() else 2.0, dtype=acc)
+                for t in g.tensors
+            ]
+        elif use_foreach(g.tensors, g.device, foreach):
+            norms = list(torch._foreach_norm(g.tensors, norm_type, dtype=acc))
+        else:
+            norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in g.tensors]
+        out.append(_full_all(norms))
+    return out
+
+
+def _in_input_order(groups: list[Group], norms: list[list[Tensor]], n: int) -> list[Tensor]:
+    if len(groups) == 1:
+        return norms[0]
+    out: list[Tensor] = [norms[0][0]] * n
+    for g, group_norms in zip(groups, norms):
+        for i, norm in zip(g.indices, group_norms):
+            out[i] = norm
+    return out
+
+
 def tensor_norms(
     tensors: list[Tensor], norm_type: float = 2.0, foreach: bool | None = None
 ) -> list[Tensor]:
@@ -63,32 +103,32 @@ def tensor_norms(
     Returns:
         One norm per input, in input order, on each input's device. fp32/fp64 inputs give norms
         in their own dtype, bit-identical to torch; low-precision inputs give fp32 norms.
+
+    Example:
+        >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([1.0])])
+        [tensor(5.), tensor(1.)]
     """
-    out: list[Tensor | None] = [None] * len(tensors)
-    index = {id(t): i for i, t in enumerate(tensors)}
-    for (device, dtype), group in group_by_device_dtype(tensors).items():
-        acc = torch.float32 if dtype in LOW_PRECISION else None
-        if use_foreach(group, device, foreach):
-            norms = list(torch._foreach_norm(group, norm_type, dtype=acc))
-        else:
-            norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group]
-        for t, n in zip(group, norms):
-            out[index[id(t)]] = n
-    # Duplicated tensor objects map to one index; fill any holes from the first occurrence.
-    for i, t in enumerate(tensors):
-        if out[i] is None:
-            out[i] = out[index[id(t)]]
-    return [n for n in out if n is not None]
+    groups = groups_of(tensors)
+    return _in_input_order(groups, _group_norms(groups, norm_type, foreach), len(tensors))
 
 
-def total_from_norms(norms: list[Tensor], norm_type: float, device: torch.device) -> Tensor:
-    """Combine per-tensor norms into the norm of the concatenation, as torch does."""
-    if not norms:
-        return torch.zeros((), device=device)
-    stacked = torch.stack([_full(n).to(device) for n in norms])
+def _stack_total(norms: list[Tensor], norm_type: float, device: torch.device) -> Tensor:
+    stacked = torch.stack([n if n.device == device else n.to(device) for n in norms])
     if stacked.dtype in LOW_PRECISION:
         stacked = stacked.float()
     return torch.linalg.vector_norm(stacked, norm_type)
+
+
+def total_from_norms(norms: list[Tensor], norm_type: float, device: torch.device) -> Tensor:
+    """Combine per-tensor norms into the norm of the concatenation, as torch does.
+
+    Example:
+        >>> total_from_norms([torch.tensor(3.0), torch.tensor(4.0)], 2.0, torch.device("cpu"))
+        tensor(5.)
+    """
+    if not norms:
+        return torch.zeros((), device=device)
+    return _stack_total([_full(n) for n in norms], norm_type, device)
 
 
 def _reduce_over_group(total: Tensor, norm_type: float, group: Any) -> Tensor:
@@ -102,6 +142,17 @@ def _reduce_over_group(total: Tensor, norm_type: float, group: Any) -> Tensor:
     powered = work.pow(norm_type)
     dist.all_reduce(powered, op=dist.ReduceOp.SUM, group=group)
     return powered.pow(1.0 / norm_type).to(total.dtype)
+
+
+def _measure(
+    groups: list[Group], items: list[Tensor], norm_type: float, foreach: bool | None
+) -> tuple[list[Tensor], Tensor]:
+    """Per-tensor norms (input order) and the total, stacked in torch's group order."""
+    if not items:
+        return [], torch.zeros((), device=torch.device("cpu"))
+    norms = _group_norms(groups, norm_type, foreach)
+    total = _stack_total([n for group in norms for n in group], norm_type, items[0].device)
+    return _in_input_order(groups, norms, len(items)), total
 
 
 def grad_norms(
@@ -119,7 +170,9 @@ def grad_norms(
         norm_type: p > 0 or ``inf``/``'inf'``.
         foreach: use torch's fused ``_foreach_norm`` (``None``: where supported).
         group: a ``torch.distributed`` process group whose ranks each hold a shard of the
-            gradients as plain tensors; the total is reduced over it. ``None``: no reduction.
+            gradients as plain tensors; the total is reduced over it with one all-reduce
+            (sum of p-th powers in fp64, or max for inf), so ranks may hold different numbers
+            of tensors. ``per_tensor`` stays the local shards' norms. ``None``: no reduction.
 
     Returns:
         :class:`GradNorms` with the per-tensor norms, the total (fp32 for fp16/bf16 inputs) and
@@ -134,9 +187,7 @@ def grad_norms(
     items = _validate.materialize(tensors, "tensors")
     _validate.check_tensors(items, "tensors")
     foreach = _validate.foreach_flag(foreach)
-    device = items[0].device if items else torch.device("cpu")
-    per_tensor = tensor_norms(items, p, foreach)
-    total = total_from_norms(per_tensor, p, device)
+    per_tensor, total = _measure(groups_of(items), items, p, foreach)
     if group is not None:
         total = _reduce_over_group(total, p, group)
     return GradNorms(per_tensor, total, total.isfinite())

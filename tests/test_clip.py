@@ -1,0 +1,273 @@
+"""clip.py against torch.nn.utils as the oracle, plus the guarded non-finite modes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gradguard as gg
+from tests._grads import NORM_TYPES, build, exact, grad_specs, grads, same_grads, torch_can
+
+FOREACH = st.sampled_from([None, True, False])
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    spec=grad_specs(),
+    norm_type=st.sampled_from(NORM_TYPES),
+    max_norm=st.floats(0.0, 10.0),
+    foreach=FOREACH,
+)
+def test_clip_grad_norm_is_torch_bit_for_bit(spec, norm_type, max_norm, foreach):
+    assume(torch_can(spec, norm_type))
+    ours, theirs = build(spec), build(spec)
+    expected = nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=foreach)
+    total = gg.clip_grad_norm_(ours, max_norm, norm_type, foreach=foreach)
+    exact(total, expected)
+    same_grads(ours, grads(theirs))
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=grad_specs(), norm_type=st.sampled_from(NORM_TYPES), foreach=FOREACH)
+def test_get_total_norm_and_clip_grads_with_norm_are_torch(spec, norm_type, foreach):
+    assume(torch_can(spec, norm_type))
+    ours, theirs = build(spec), build(spec)
+    t_grads = [p.grad for p in theirs if p.grad is not None]
+    o_grads = [p.grad for p in ours if p.grad is not None]
+    expected = nn.utils.get_total_norm(t_grads, norm_type, foreach=foreach)
+    total = gg.get_total_norm(o_grads, norm_type, foreach=foreach)
+    exact(total, expected)
+    nn.utils.clip_grads_with_norm_(theirs, 0.5, expected, foreach=foreach)
+    gg.clip_grads_with_norm_(ours, 0.5, total, foreach=foreach)
+    same_grads(ours, grads(theirs))
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=grad_specs(), clip_value=st.floats(0.0, 3.0), foreach=FOREACH)
+def test_clip_grad_value_is_torch(spec, clip_value, foreach):
+    ours, theirs = build(spec), build(spec)
+    nn.utils.clip_grad_value_(theirs, clip_value, foreach=foreach)
+    gg.clip_grad_value_(ours, clip_value, foreach=foreach)
+    same_grads(ours, grads(theirs))
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+def test_error_if_nonfinite_raises_like_torch_and_changes_nothing(poison):
+    spec = {
+        "shapes": [(3, 4), (5,)],
+        "dtypes": [torch.float32] * 2,
+        "has_grad": [True, True],
+        "seed": 3,
+        "scale": 1.0,
+        "poison": poison,
+    }
+    ours, theirs = build(spec), build(spec)
+    before = grads(ours)
+    with pytest.raises(RuntimeError, match="non-finite") as torch_err:
+        nn.utils.clip_grad_norm_(theirs, 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="non-finite") as our_err:
+        gg.clip_grad_norm_(ours, 1.0, error_if_nonfinite=True)
+    assert str(our_err.value) == str(torch_err.value)
+    same_grads(ours, before)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gg.get_total_norm([p.grad for p in ours], error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gg.clip_grad_norm_(ours, 1.0, nonfinite="error")
+    same_grads(ours, before)
+
+
+def _poisoned(poison: float) -> list[nn.Parameter]:
+    a = nn.Parameter(torch.zeros(4))
+    b = nn.Parameter(torch.zeros(2, 3))
+    a.grad = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    b.grad = torch.tensor([[poison, 1.0, 2.0], [0.0, -1.0, 4.0]])
+    return [a, b]
+
+
+def test_nan_norm_makes_every_gradient_nan_like_torch():
+    ours, theirs = _poisoned(math.nan), _poisoned(math.nan)
+    total = gg.clip_grad_norm_(ours, 1.0)
+    nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert total.isnan()
+    for p in ours:
+        assert p.grad is not None and p.grad.isnan().all()
+    same_grads(ours, grads(theirs))
+
+
+def test_inf_norm_zeroes_finite_entries_and_turns_inf_into_nan_like_torch():
+    ours, theirs = _poisoned(math.inf), _poisoned(math.inf)
+    total = gg.clip_grad_norm_(ours, 1.0)
+    nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert total.isinf()
+    a, b = (p.grad for p in ours)
+    assert a is not None and b is not None
+    assert (a == 0).all()
+    assert b[0, 0].isnan() and (b.view(-1)[1:] == 0).all()
+    same_grads(ours, grads(theirs))
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=grad_specs(), norm_type=st.sampled_from(NORM_TYPES), max_norm=st.floats(0.0, 5.0))
+def test_skip_leaves_gradients_bit_for_bit_when_nonfinite(spec, norm_type, max_norm):
+    assume(torch_can(spec, norm_type))
+    ours, theirs = build(spec), build(spec)
+    before = grads(ours)
+    total = gg.clip_grad_norm_(ours, max_norm, norm_type, nonfinite="skip")
+    expected = nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
+    exact(total, expected)
+    flag = ~total.isfinite()
+    assert isinstance(flag, torch.Tensor) and flag.dtype == torch.bool and flag.dim() == 0
+    if flag:
+        same_grads(ours, before)
+    else:  # a finite step is clipped exactly as torch does
+        same_grads(ours, grads(theirs))
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=grad_specs(), norm_type=st.sampled_from(NORM_TYPES), max_norm=st.floats(0.0, 5.0))
+def test_zero_mode_zeroes_every_gradient_when_nonfinite(spec, norm_type, max_norm):
+    assume(torch_can(spec, norm_type))
+    ours, theirs = build(spec), build(spec)
+    total = gg.clip_grad_norm_(ours, max_norm, norm_type, nonfinite="zero")
+    nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
+    if total.isfinite():
+        same_grads(ours, grads(theirs))
+    else:
+        for p in ours:
+            if p.grad is not None:
+                exact(p.grad, torch.zeros_like(p.grad))
+
+
+@pytest.mark.parametrize("mode", ["skip", "zero", "propagate"])
+def test_clip_grads_with_norm_guarded_modes(mode):
+    ours = _poisoned(math.nan)
+    before = grads(ours)
+    total = gg.get_total_norm([p.grad for p in ours])
+    gg.clip_grads_with_norm_(ours, 1.0, total, nonfinite=mode)
+    if mode == "skip":
+        same_grads(ours, before)
+    elif mode == "zero":
+        for p in ours:
+            assert p.grad is not None and (p.grad == 0).all()
+    else:
+        for p in ours:
+            assert p.grad is not None and p.grad.isnan().all()
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gg.clip_grads_with_norm_(
+            _poisoned(math.inf), 1.0, torch.tensor(math.inf), nonfinite="error"
+        )
+
+
+def test_clip_coefficient_modes():
+    total = torch.tensor([3.0, math.inf, math.nan, 0.5])
+    plain = gg.clip_coefficient(1.0, total, "propagate")
+    exact(plain, torch.clamp(1.0 / (total + 1e-6), max=1.0))
+    exact(gg.clip_coefficient(1.0, total, "skip"), torch.tensor([plain[0].item(), 1.0, 1.0, 1.0]))
+    exact(gg.clip_coefficient(1.0, total, "zero"), torch.tensor([plain[0].item(), 0.0, 0.0, 1.0]))
+    # A tensor threshold (an adaptive policy's) works without reading it on the host.
+    exact(gg.clip_coefficient(torch.tensor(1.0), total[:1], "skip"), plain[:1])
+
+
+def test_parameters_without_grads_are_skipped_and_empty_input_gives_zero():
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    b.grad = torch.full((2,), 3.0)
+    total = gg.clip_grad_norm_([a, b], 1.0)
+    exact(total, nn.utils.get_total_norm([torch.full((2,), 3.0)]))
+    assert a.grad is None
+    for empty in ([], [nn.Parameter(torch.ones(2))]):
+        exact(gg.clip_grad_norm_(empty, 1.0), nn.utils.clip_grad_norm_(empty, 1.0))
+        exact(gg.get_total_norm([]), nn.utils.get_total_norm([]))
+    gg.clip_grads_with_norm_([a], 1.0, torch.tensor(2.0))
+    gg.clip_grad_value_([a], 1.0)
+    assert a.grad is None
+
+
+def test_single_tensor_and_generator_inputs_like_torch():
+    model, twin = nn.Linear(4, 3), nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(5, 4)
+    model(x).pow(2).sum().backward()
+    twin(x).pow(2).sum().backward()
+    exact(
+        gg.clip_grad_norm_(model.parameters(), 0.1),
+        nn.utils.clip_grad_norm_(twin.parameters(), 0.1),
+    )
+    same_grads(list(model.parameters()), grads(list(twin.parameters())))
+    exact(gg.clip_grad_norm_(model.weight, 0.01), nn.utils.clip_grad_norm_(twin.weight, 0.01))
+    same_grads([model.weight], grads([twin.weight]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_clip_uses_an_fp32_norm(dtype):
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.zeros(n, dtype=dtype)) for n in (300, 7, 1000)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+    ref = [p.grad.double() for p in params if p.grad is not None]
+    true_norm = torch.linalg.vector_norm(torch.cat(ref))
+    total = gg.clip_grad_norm_(params, 1.0)
+    assert total.dtype == torch.float32
+    assert abs(total.double() - true_norm) / true_norm < 1e-5
+    coef = 1.0 / (total.double() + 1e-6)
+    for p, r in zip(params, ref):
+        assert p.grad is not None and p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad.double(), r * coef, rtol=1e-2, atol=1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    spec=grad_specs(nonfinite=False),
+    norm_type=st.sampled_from(NORM_TYPES),
+    max_norm=st.floats(0.0, 5.0),
+    foreach=FOREACH,
+)
+def test_clip_by_norm_clips_each_gradient_on_its_own(spec, norm_type, max_norm, foreach):
+    params = build(spec)
+    before = grads(params)
+    norms = gg.clip_by_norm_(params, max_norm, norm_type, foreach=foreach)
+    present = [g for g in before if g is not None]
+    assert len(norms) == len(present)
+    after = [p.grad for p in params if p.grad is not None]
+    for g0, g1, n in zip(present, after, norms):
+        # The norm of an empty tensor is 0 for every p (torch refuses p=inf there).
+        expected_norm = torch.linalg.vector_norm(g0, norm_type if g0.numel() else 2.0)
+        exact(n, expected_norm)
+        coef = torch.clamp(max_norm / (expected_norm + 1e-6), max=1.0)
+        exact(g1, g0 * coef)
+        assert torch.linalg.vector_norm(g1, 2.0 if g1.numel() == 0 else norm_type) <= (
+            max_norm * (1 + 1e-5) + 1e-12
+        )
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_inf_norm_of_an_empty_gradient_is_zero_where_torch_raises(foreach):
+    p, q = nn.Parameter(torch.zeros(0)), nn.Parameter(torch.zeros(2))
+    p.grad, q.grad = torch.zeros(0), torch.tensor([-3.0, 1.0])
+    with pytest.raises(RuntimeError):
+        nn.utils.get_total_norm([p.grad, q.grad], math.inf, foreach=True)
+    exact(gg.get_total_norm([p.grad, q.grad], math.inf, foreach=foreach), torch.tensor(3.0))
+    exact(gg.clip_grad_norm_([p], 1.0, math.inf, foreach=foreach), torch.tensor(0.0))
+
+
+def test_a_tensor_threshold_is_used_without_reading_it():
+    spec = {
+        "shapes": [(3, 4), (5,)],
+        "dtypes": [torch.float32] * 2,
+        "has_grad": [True, True],
+        "seed": 11,
+        "scale": 1.0,
+        "poison": None,
+    }
+    ours, theirs = build(spec), build(spec)
+    total = gg.clip_grad_norm_(ours, torch.tensor(0.5))
+    expected = nn.utils.clip_grad_norm_(theirs, 0.5)
+    exact(total, expected)
+    same_grads(ours, grads(theirs))
+    gg.clip_grads_with_norm_(ours, torch.tensor([0.25]), total)
+    nn.utils.clip_grads_with_norm_(theirs, 0.25, expected)
+    same_grads(ours, grads(theirs))
