@@ -1,0 +1,326 @@
+"""Detectors: planted faults are found (and named), warm-up is respected, scores match plain
+references and hand computations."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradguard.detect import (
+    NonFiniteDetector,
+    Signals,
+    SpikeDetector,
+    UpdateRatioDetector,
+    VanishingDetector,
+    others_median,
+    update_ratios,
+)
+from tests import conformance as C
+
+NAMES = ["embed.weight", "layers.0.weight", "layers.1.weight", "head.weight"]
+
+
+def sig(
+    loss: float | None = 1.0,
+    per: list[float] | None = None,
+    step: int = 0,
+    names: list[str] | None = None,
+) -> Signals:
+    per_t = [torch.tensor(v) for v in (per if per is not None else [1.0, 1.0])]
+    total = torch.linalg.vector_norm(torch.stack(per_t))
+    return Signals(
+        step=step,
+        total_norm=total,
+        per_tensor=per_t,
+        names=names if names is not None else [f"p{i}" for i in range(len(per_t))],
+        finite=total.isfinite(),
+        loss=None if loss is None else torch.tensor(loss),
+    )
+
+
+# -------------------------------------------------------------------------------- non-finite
+
+
+@pytest.mark.parametrize(
+    ("loss", "per", "flagged"),
+    [
+        (1.0, [1.0, 2.0], False),
+        (float("nan"), [1.0, 2.0], True),
+        (float("inf"), [1.0, 2.0], True),
+        (1.0, [float("nan"), 2.0], True),
+        (1.0, [1.0, float("-inf")], True),
+        (None, [1.0, 2.0], False),
+        (None, [1e30, 1e30], True),  # the total overflows fp32: no clip coefficient exists
+    ],
+)
+def test_nonfinite_detector(loss: float | None, per: list[float], flagged: bool) -> None:
+    s = sig(loss, per)
+    if per == [1e30, 1e30]:
+        s.finite = torch.tensor(True)  # per-tensor finite, total not: still flagged
+    d = NonFiniteDetector().check(s)
+    assert bool(d.flag) is flagged and float(d.score) == float(flagged)
+
+
+# ------------------------------------------------------------------------------------- spike
+
+
+def ref_spike(
+    values: list[float], window: int, z: float, warmup: int, log: bool, min_std: float
+) -> list[tuple[bool, float]]:
+    """One-sided z-score over the last ``window`` accepted finite values (flagged = rejected)."""
+    hist: list[float] = []
+    out = []
+    for v in values:
+        x = (math.log(v) if v > 0 else math.nan) if log else v
+        if len(hist) >= warmup and math.isfinite(x):
+            mean = statistics.fmean(hist)
+            std = statistics.stdev(hist)
+            score = (x - mean) / max(std, min_std, torch.finfo(torch.float32).tiny)
+            score = float(torch.tensor(score, dtype=torch.float32))  # overflows as fp32 does
+        else:
+            score = 0.0
+        flag = score > z
+        out.append((flag, score))
+        if math.isfinite(x) and not flag:
+            hist = [*hist, x][-window:]
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.floats(0.5, 2.0), st.sampled_from([50.0, float("nan"), float("inf")])),
+        min_size=1,
+        max_size=50,
+    ),
+    window=st.integers(2, 10),
+    z=st.floats(0.5, 6.0),
+    log=st.booleans(),
+    min_std=st.sampled_from([1e-3, 0.05]),
+)
+def test_spike_matches_reference(
+    values: list[float], window: int, z: float, log: bool, min_std: float
+) -> None:
+    # A floor well above fp32 rounding: on a flat history the fp32 std is a few ulps, not 0.
+    warmup = max(2, window // 2)
+    det = SpikeDetector("loss", window=window, z=z, log=log, min_std=min_std)
+    seq = [sig(v, step=i) for i, v in enumerate(values)]
+    got = C.drive_detector(det, seq)
+    want = ref_spike(values, window, z, warmup, log, min_std)
+    for i, (d, (flag, score)) in enumerate(zip(got, want, strict=True)):
+        assert bool(d.flag) == flag, i
+        assert math.isclose(float(d.score), score, rel_tol=1e-4, abs_tol=1e-4), i
+
+
+def test_spike_flags_a_planted_loss_spike_and_not_in_warmup() -> None:
+    seq = C.signal_sequence(200, loss_spikes={10: 30.0, 150: 30.0}, seed=3)
+    got = C.drive_detector(SpikeDetector("loss"), seq)  # OLMo-core: 128 steps, 6 sigma
+    flagged = [i for i, d in enumerate(got) if bool(d.flag)]
+    assert flagged == [150]  # step 10 is in the warm-up (64 values)
+    assert float(got[150].score) > 6.0
+
+
+def test_spike_on_grad_norm_and_one_sidedness() -> None:
+    seq = C.signal_sequence(120, norm_spikes={90: 40.0, 100: 1e-3}, seed=4)
+    got = C.drive_detector(SpikeDetector("grad_norm", window=64, z=6.0), seq)
+    assert [i for i, d in enumerate(got) if bool(d.flag)] == [90]
+    assert float(got[100].score) < -6.0  # a collapse is scored but is not a spike
+
+
+def test_a_skipped_spike_does_not_become_normal() -> None:
+    # Two equal spikes in a row: the first is flagged and not accepted, so the second is too.
+    seq = C.signal_sequence(100, loss_spikes={80: 30.0, 81: 30.0}, seed=5)
+    got = C.drive_detector(SpikeDetector("loss", window=64), seq)
+    assert bool(got[80].flag) and bool(got[81].flag)
+
+
+def test_spike_refuses_a_per_sample_loss() -> None:
+    s = sig(1.0)
+    s.loss = torch.ones(4)
+    with pytest.raises(ValueError, match="single value"):
+        SpikeDetector("loss").check(s)
+
+
+def test_spike_without_the_signal_never_flags() -> None:
+    det = SpikeDetector("loss", window=4, warmup=2)
+    for i in range(6):
+        s = sig(None, step=i)
+        assert not bool(det.check(s).flag)
+        det.update(s, torch.tensor(True))
+    assert det.state_dict()["count"] is None
+
+
+# --------------------------------------------------------------------------------- vanishing
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.floats(0.0, 100.0), min_size=2, max_size=12))
+def test_others_median_matches_brute_force(values: list[float]) -> None:
+    got = others_median(torch.tensor(values, dtype=torch.float64)).tolist()
+    for i, g in enumerate(got):
+        rest = sorted(values[:i] + values[i + 1 :])
+        assert g == rest[(len(rest) - 1) // 2]
+
+
+def test_vanishing_layer_is_found_by_name_after_patience() -> None:
+    det = VanishingDetector(floor=1e-3, patience=5)
+    seq = C.signal_sequence(12, names=NAMES, tiny={"layers.0.weight": 1e-5})
+    got = C.drive_detector(det, seq)
+    assert [bool(d.flag) for d in got[:4]] == [False] * 4  # not yet patience steps
+    # From the fifth step on it is flagged; the guard would not accept those steps, so the run
+    # stays at 4 and the flag persists.
+    assert all(bool(d.flag) for d in got[4:])
+    assert det.vanishing_layers(seq[-1]) == ["layers.0.weight"]
+    assert float(got[-1].score) == 1.0
+
+
+def test_a_recovering_layer_resets_its_run() -> None:
+    det = VanishingDetector(floor=1e-2, patience=3)
+    low, ok = [1e-5, 1.0, 1.0], [1.0, 1.0, 1.0]
+    for per in (low, low, ok, low, low):
+        s = sig(1.0, per)
+        assert not bool(det.check(s).flag)
+        det.update(s, torch.tensor(True))
+    assert bool(det.check(sig(1.0, low)).flag)
+
+
+def test_vanishing_state_follows_names_when_parameters_change() -> None:
+    det = VanishingDetector(floor=1e-2, patience=3)
+    for _ in range(2):
+        det.update(sig(1.0, [1e-5, 1.0, 1.0], names=["a", "b", "c"]), torch.tensor(True))
+    # "b" has no gradient this step: "a" keeps its run of 2 and reaches patience now.
+    s = sig(1.0, [1e-5, 1.0, 1.0], names=["a", "c", "d"])
+    assert det.vanishing_layers(s) == ["a"]
+
+
+def test_vanishing_needs_two_layers() -> None:
+    det = VanishingDetector(patience=1)
+    assert not bool(det.check(sig(1.0, [1e-9])).flag)
+
+
+# ------------------------------------------------------------------------------ update ratio
+
+
+def test_update_ratio_equals_hand_computation_for_sgd() -> None:
+    torch.manual_seed(0)
+    first, last = torch.nn.Linear(5, 7), torch.nn.Linear(7, 2)
+    model = torch.nn.Sequential(first, torch.nn.Tanh(), last)
+    model(torch.randn(4, 5)).square().sum().backward()
+    lr = 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    w0, w2 = first.weight.detach().clone(), last.weight.detach().clone()
+    det = UpdateRatioDetector(max_ratio=0.1)
+    det.before(model)
+    opt.step()
+    ratios = det.after(model).tolist()
+    # Plain SGD: delta W = -lr * grad, so the ratio is lr * ||grad|| / ||W_before||.
+    want = [
+        lr * first.weight.grad.norm().item() / w0.norm().item(),  # type: ignore[union-attr]
+        lr * last.weight.grad.norm().item() / w2.norm().item(),  # type: ignore[union-attr]
+    ]
+    assert det.names == ["0.weight", "2.weight"]  # 1-D parameters left out by default
+    assert ratios == pytest.approx(want, rel=1e-5)
+    d = det.check(sig())
+    assert bool(d.flag) is (max(want) > 0.1)
+    assert float(d.score) == pytest.approx(max(want), rel=1e-5)
+
+
+def test_update_ratio_flags_a_wild_step_and_a_nan_one() -> None:
+    w = torch.ones(3, 3)
+    det = UpdateRatioDetector(max_ratio=0.1)
+    det.before([w])
+    w.mul_(1.05)
+    assert float(det.after([w])[0]) == pytest.approx(0.05)
+    assert not bool(det.check(sig()).flag)
+    det.before([w])
+    w.mul_(2.0)
+    assert bool(det.check(sig()).flag) is False  # judged only after after()
+    det.after([w])
+    assert bool(det.check(sig()).flag)
+    det.before([w])
+    w[0, 0] = float("nan")
+    det.after([w])
+    d = det.check(sig())
+    assert bool(d.flag) and float(d.score) == math.inf
+
+
+def test_update_ratios_function_and_1d_parameters() -> None:
+    b = [torch.tensor([3.0, 4.0]), torch.zeros(2)]
+    a = [torch.tensor([3.0, 4.5]), torch.tensor([0.0, 1e-3])]
+    r = update_ratios(b, a, eps=1e-3)
+    assert r.tolist() == pytest.approx([0.1, 1.0])
+    det = UpdateRatioDetector(include_1d=True)
+    det.before(b)
+    assert det.names == ["0", "1"]
+
+
+def test_update_ratio_after_needs_a_matching_before() -> None:
+    det = UpdateRatioDetector()
+    with pytest.raises(RuntimeError, match="matching before"):
+        det.after([torch.ones(2, 2)])
+    assert not bool(det.check(sig()).flag)  # nothing measured yet
+    w = torch.ones(2, 2)
+    det.before([w])
+    det.after([w])
+    with pytest.raises(RuntimeError, match="matching before"):
+        det.after([w])  # after() consumed the snapshot
+
+
+def test_update_ratio_hot_path_has_no_host_sync() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model(torch.randn(2, 4)).sum().backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    det = UpdateRatioDetector()
+    with C.no_host_sync():
+        det.before(model)
+        opt.step()
+        det.after(model)
+        det.check(sig())
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: SpikeDetector("accuracy"), "signal"),
+        (lambda: SpikeDetector(window=1), "window"),
+        (lambda: SpikeDetector(window=8, warmup=9), "warmup"),
+        (lambda: SpikeDetector(z=0), "z"),
+        (lambda: SpikeDetector(log=1), "log"),  # type: ignore[arg-type]
+        (lambda: SpikeDetector(min_std=-1.0), "min_std"),
+        (lambda: VanishingDetector(floor=1.0), "floor"),
+        (lambda: VanishingDetector(patience=0), "patience"),
+        (lambda: UpdateRatioDetector(max_ratio=0), "max_ratio"),
+        (lambda: UpdateRatioDetector(include_1d="yes"), "include_1d"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_arguments_are_named(make, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_bad_state_changes_nothing() -> None:
+    det = SpikeDetector(window=4, warmup=2)
+    for i in range(3):
+        det.update(sig(1.0 + i, step=i), torch.tensor(True))
+    before = det.state_dict()
+    with pytest.raises(ValueError, match="shape"):
+        det.load_state_dict({**before, "buffer": torch.zeros(5)})
+    with pytest.raises(ValueError, match="window"):
+        det.load_state_dict({**before, "window": 1})
+    after = det.state_dict()
+    assert C.same(after["buffer"], before["buffer"]) and after["window"] == 4
+    van = VanishingDetector()
+    with pytest.raises(ValueError, match="lacks keys"):
+        van.load_state_dict({"floor": 0.1})
+    with pytest.raises(ValueError, match="one entry per name"):
+        van.load_state_dict(
+            {"floor": 0.1, "patience": 2, "names": ["a"], "run": torch.zeros(2, dtype=torch.int64)}
+        )
