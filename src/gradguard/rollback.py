@@ -1,0 +1,515 @@
+"""Rollback: snapshots of a training run, in memory or on disk, and the list of bad batches.
+
+A snapshot holds everything needed to continue a run bit for bit from a past step: the model,
+the optimizer, the LR scheduler and the AMP scaler states, every RNG state (torch CPU, CUDA when
+present, numpy, Python ``random``), the guard's own state and the step / data position. On a
+loss spike the guard restores the last good snapshot and skips the batches of the bad window on
+replay, as PaLM did (Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways",
+section 5.1: restart about 100 steps before the spike and skip 200-500 batches).
+
+Snapshots live in CPU memory by default (tensors deep-copied to the CPU). On disk
+(:class:`SnapshotStore` with ``directory=``) each one is written crash-safely: to a temporary
+file in the same directory, flushed and fsynced, renamed over the final name with
+``os.replace`` (atomic on POSIX), then the directory is fsynced; the previous good snapshot is
+kept until a newer one is complete. Files hold only tensors, dicts, lists, numbers and strings,
+so they load with ``torch.load(path, weights_only=True)``; a SHA-256 checksum over the content
+turns a truncated or corrupted file into a clear :class:`SnapshotError`, and the store falls
+back to the previous snapshot.
+
+Example:
+    >>> store = SnapshotStore(directory="ckpt", keep=2)
+    >>> store.push(capture(model, optimizer, scheduler, step=100, position=100))
+    >>> restore(store.latest(), model, optimizer, scheduler)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterator, Sized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SkipList",
+    "SkipSampler",
+    "SnapshotError",
+    "SnapshotStore",
+    "capture",
+    "checksum",
+    "load_snapshot",
+    "restore",
+    "rng_state",
+    "save_snapshot",
+    "set_rng_state",
+]
+
+FORMAT = "gradguard.snapshot"
+VERSION = 1
+log = logging.getLogger(__name__)
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot file is missing, truncated, corrupted or not a gradguard snapshot."""
+
+
+# --------------------------------------------------------------------------- copying
+
+
+def to_cpu(obj: Any) -> Any:
+    """A deep copy of a state tree with every tensor detached, cloned and moved to the CPU.
+
+    Tuples become lists (``weights_only`` loading and JSON both prefer them); dict keys are kept.
+    """
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_cpu(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors, lists and numbers (loadable with ``weights_only=True``).
+
+    Returns:
+        ``{"torch": ByteTensor, "cuda": [ByteTensor per device], "numpy": {...},
+        "python": {...}}``.
+    """
+    np_state: tuple[Any, ...] = np.random.get_state()  # type: ignore[assignment]
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else [],
+        "numpy": {
+            "kind": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64).copy()),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {
+            "version": int(py_version),
+            # Mersenne-Twister words are < 2**32 and fit an int64 tensor exactly.
+            "internal": torch.tensor(list(py_internal), dtype=torch.int64),
+            "gauss_next": py_gauss,
+        },
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            int(n["pos"]),
+            int(n["has_gauss"]),
+            float(n["cached_gaussian"]),
+        )
+    )
+    p = state["python"]
+    internal = tuple(int(x) for x in p["internal"].tolist())
+    random.setstate((int(p["version"]), internal, p["gauss_next"]))
+
+
+# --------------------------------------------------------------------------- capture / restore
+
+
+def capture(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    scaler: Any = None,
+    *,
+    step: int,
+    position: int,
+    guard: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A CPU deep copy of everything a run needs to continue from here.
+
+    One device-to-host copy per tensor: this is a host sync, taken every ``snapshot_every``
+    steps only.
+
+    Args:
+        model, optimizer, scheduler, scaler: the run's objects (``None`` where absent).
+        step: the optimizer step this snapshot resumes at.
+        position: the data position (index of the next batch to draw).
+        guard: the guard's own state (policy, detectors, counters).
+
+    Returns:
+        A dict of tensors, dicts, lists, numbers and strings.
+    """
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(step),
+        "position": int(position),
+        "model": to_cpu(model.state_dict()),
+        "optimizer": to_cpu(optimizer.state_dict()),
+        "scheduler": to_cpu(scheduler.state_dict()) if scheduler is not None else None,
+        "scaler": to_cpu(scaler.state_dict()) if scaler is not None else None,
+        "rng": to_cpu(rng_state()),
+        "guard": to_cpu(guard) if guard is not None else None,
+    }
+
+
+def restore(
+    snapshot: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    scaler: Any = None,
+) -> None:
+    """Put the model, optimizer, scheduler, scaler and RNGs back to ``snapshot``, bit for bit.
+
+    The snapshot is not modified (the loaders copy what they take), so it can be restored again.
+    """
+    _check_format(snapshot)
+    model.load_state_dict(snapshot["model"])
+    # Copies: Optimizer.load_state_dict keeps tensors that already have the right dtype and
+    # device, and the optimizer would then update the snapshot's own tensors in place.
+    optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+    if scheduler is not None and snapshot["scheduler"] is not None:
+        scheduler.load_state_dict(copy.deepcopy(snapshot["scheduler"]))
+    if scaler is not None and snapshot["scaler"] is not None:
+        scaler.load_state_dict(copy.deepcopy(snapshot["scaler"]))
+    set_rng_state(snapshot["rng"])
+
+
+def _check_format(snapshot: Any) -> None:
+    if not isinstance(snapshot, dict) or snapshot.get("format") != FORMAT:
+        raise SnapshotError("not a gradguard snapshot (no 'format': 'gradguard.snapshot' entry)")
+    if int(snapshot.get("version", 0)) > VERSION:
+        raise SnapshotError(
+            f"snapshot version {snapshot['version']} is newer than this gradguard reads "
+            f"({VERSION}); upgrade gradguard"
+        )
+
+
+# --------------------------------------------------------------------------- on disk
+
+
+def _feed(h: Any, obj: Any) -> None:
+    # Type-tagged, order-preserving encoding: equal digests mean equal content and structure.
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            h.update(f"K{type(k).__name__}:{k!r}".encode())
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"S{type(obj).__name__}:{obj!r}".encode())
+
+
+def checksum(obj: Any) -> str:
+    """SHA-256 hex digest of a state tree (tensor bytes, dtypes, shapes, keys and scalars)."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_snapshot(path: str | os.PathLike[str], snapshot: dict[str, Any]) -> Path:
+    """Write ``snapshot`` to ``path`` crash-safely, with a checksum.
+
+    A crash at any moment leaves either the old file at ``path`` or the complete new one, never
+    a partial file under that name (temporary files are named ``.<name>.tmp-*``).
+
+    Args:
+        path: the final file name.
+        snapshot: what :func:`capture` returned.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> save_snapshot("ckpt/snapshot-000100.pt", capture(model, opt, step=100, position=100))
+    """
+    _check_format(snapshot)
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, "sha256": checksum(snapshot), "data": snapshot}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, final)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+    return final
+
+
+def load_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and verify a snapshot written by :func:`save_snapshot` (``weights_only=True``).
+
+    Raises:
+        SnapshotError: the file is missing, truncated, corrupted (checksum mismatch) or not a
+            gradguard snapshot.
+    """
+    p = Path(path)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SnapshotError(f"snapshot {p} does not exist") from None
+    except Exception as e:  # torch raises several types for a damaged zip archive
+        raise SnapshotError(
+            f"snapshot {p} cannot be read (truncated or corrupted file): {e}"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "data" not in payload:
+        raise SnapshotError(f"{p} is not a gradguard snapshot")
+    data = payload["data"]
+    _check_format(data)
+    if checksum(data) != payload.get("sha256"):
+        raise SnapshotError(f"snapshot {p} is corrupted: its checksum does not match its content")
+    return data  # type: ignore[no-any-return]
+
+
+class SnapshotStore:
+    """The last ``keep`` snapshots, in CPU memory or, with ``directory``, on disk.
+
+    On disk, snapshot files are ``snapshot-<step>.pt``; older ones are deleted only after a
+    newer one is complete, and :meth:`latest` skips unreadable files (logging why, and keeping
+    the reasons in ``errors``) and falls back to the previous one.
+
+    Args:
+        directory: where to write snapshots; ``None`` keeps them in memory.
+        keep: how many snapshots to keep (>= 1; 2 or more lets a rollback reach behind an
+            incident that began just before the newest one).
+
+    Example:
+        >>> store = SnapshotStore(keep=2)
+        >>> store.push(capture(model, opt, step=0, position=0))
+        >>> store.latest(max_position=10)["step"]
+        0
+    """
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None, keep: int = 2) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+        if directory is not None and not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a path or None, got {type(directory).__name__}")
+        self.directory = Path(directory) if directory is not None else None
+        self.keep = keep
+        self.errors: list[str] = []
+        self._memory: list[dict[str, Any]] = []
+        # (step, position, path) of the files this store wrote or found, oldest first.
+        self._files: list[tuple[int, int, Path]] = []
+
+    def scan(self) -> int:
+        """Adopt the snapshot files already in ``directory`` (to resume a run that stopped).
+
+        A store starts empty so that files of an unrelated earlier run are never restored by
+        accident. Returns the number of files found.
+        """
+        if self.directory is None or not self.directory.exists():
+            return 0
+        found = []
+        for f in self.directory.glob("snapshot-*.pt"):
+            try:
+                step = int(f.stem.split("-", 1)[1])
+            except ValueError:
+                continue
+            found.append((step, -1, f))  # position unknown until loaded
+        known = {f[2] for f in self._files}
+        self._files = sorted([*self._files, *(f for f in found if f[2] not in known)])
+        return len(found)
+
+    def has(self, max_position: int | None = None) -> bool:
+        """Whether a snapshot at data position ``<= max_position`` may exist (no file is read)."""
+        if self.directory is None:
+            positions = [int(s["position"]) for s in self._memory]
+        else:
+            positions = [pos for _, pos, _ in self._files]
+        return any(max_position is None or pos <= max_position for pos in positions)
+
+    def __len__(self) -> int:
+        return len(self._memory) if self.directory is None else len(self._files)
+
+    def push(self, snapshot: dict[str, Any]) -> None:
+        """Keep ``snapshot`` (write it, on disk) and drop the oldest beyond ``keep``."""
+        _check_format(snapshot)
+        if self.directory is None:
+            self._memory.append(snapshot)
+            del self._memory[: -self.keep]
+            return
+        step = int(snapshot["step"])
+        path = save_snapshot(self.directory / f"snapshot-{step:09d}.pt", snapshot)
+        self._files = [f for f in self._files if f[2] != path]
+        self._files.append((step, int(snapshot["position"]), path))
+        for _, _, old in self._files[: -self.keep]:
+            old.unlink(missing_ok=True)
+        del self._files[: -self.keep]
+
+    def latest(self, max_position: int | None = None) -> dict[str, Any] | None:
+        """The newest readable snapshot whose data position is ``<= max_position`` (any if None).
+
+        Returns ``None`` when there is none.
+        """
+        if self.directory is None:
+            for snap in reversed(self._memory):
+                if max_position is None or int(snap["position"]) <= max_position:
+                    return snap
+            return None
+        for _, pos, path in reversed(self._files):
+            if max_position is not None and 0 <= max_position < pos:
+                continue
+            try:
+                snap = load_snapshot(path)
+            except SnapshotError as e:
+                self.errors.append(str(e))
+                log.warning("gradguard: %s; falling back to the previous snapshot", e)
+                continue
+            if max_position is None or int(snap["position"]) <= max_position:
+                return snap
+        return None
+
+    def clear(self) -> None:
+        """Forget every snapshot (files on disk are left in place)."""
+        self._memory.clear()
+        self._files.clear()
+
+
+# --------------------------------------------------------------------------- bad batches
+
+
+class SkipList:
+    """Closed windows ``[start, end]`` of data positions to skip on replay.
+
+    Example:
+        >>> skips = SkipList(); skips.add(120, 130)
+        >>> skips.contains(125), skips.contains(131)
+        (True, False)
+    """
+
+    def __init__(self) -> None:
+        self.windows: list[tuple[int, int]] = []
+
+    def add(self, start: int, end: int) -> None:
+        """Skip positions ``start..end`` (inclusive); overlapping windows are merged."""
+        for name, v in (("start", start), ("end", end)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if end < start:
+            raise ValueError(f"end must be >= start, got start={start}, end={end}")
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted([*self.windows, (start, end)]):
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.windows = merged
+
+    def contains(self, position: int) -> bool:
+        return any(a <= position <= b for a, b in self.windows)
+
+    def next_allowed(self, position: int) -> int:
+        """The first position ``>= position`` that is not skipped."""
+        for a, b in self.windows:
+            if a <= position <= b:
+                position = b + 1
+        return position
+
+    def __len__(self) -> int:
+        return sum(b - a + 1 for a, b in self.windows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"windows": [[a, b] for a, b in self.windows]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        windows = [(int(a), int(b)) for a, b in state["windows"]]
+        self.windows = []
+        for a, b in windows:
+            self.add(a, b)
+
+
+class SkipSampler(torch.utils.data.Sampler[Any]):
+    """Wrap a (batch) sampler and leave out the items at skipped positions.
+
+    Positions count the wrapped sampler's items across epochs, starting at ``start``; with
+    gradient accumulation, ``per_step`` items make one position (one optimizer step). Pass a
+    batch sampler (``DataLoader(ds, batch_sampler=guard.skip_sampler(BatchSampler(...)))``) so
+    that one item is one batch.
+
+    Args:
+        sampler: any iterable of indices or of index lists.
+        should_skip: ``position -> bool`` (a guard's :meth:`~gradguard.guard.Guard.should_skip`).
+        per_step: items per optimizer step (>= 1).
+        start: the position of the first item.
+    """
+
+    def __init__(
+        self,
+        sampler: Any,
+        should_skip: Callable[[int], bool],
+        per_step: int = 1,
+        start: int = 0,
+    ) -> None:
+        if not callable(should_skip):
+            raise TypeError("should_skip must be callable")
+        if isinstance(per_step, bool) or not isinstance(per_step, int) or per_step < 1:
+            raise ValueError(f"per_step must be an int >= 1, got {per_step!r}")
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be an int >= 0, got {start!r}")
+        self.sampler = sampler
+        self.should_skip = should_skip
+        self.per_step = per_step
+        self.count = start * per_step  # items enumerated so far, skipped ones included
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.sampler:
+            position = self.count // self.per_step
+            self.count += 1
+            if not self.should_skip(position):
+                yield item
+
+    def __len__(self) -> int:
+        if not isinstance(self.sampler, Sized):
+            raise TypeError("the wrapped sampler has no len()")
+        return len(self.sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "per_step": self.per_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.count = int(state["count"])
+        self.per_step = int(state["per_step"])
