@@ -1,0 +1,8 @@
+"""``python -m gradguard``: the same CLI as the ``gradguard`` console script."""
+
+import sys
+
+from gradguard.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
