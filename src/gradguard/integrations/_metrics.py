@@ -10,10 +10,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gradguard.records import Row
+from gradguard.guard import GuardConfig
+from gradguard.records import Recorder, Row
+from gradguard.response import SKIPPING as _SKIPPING
 
-# Actions after which the step was not applied (mirrors gradguard.response.SKIPPING).
-_SKIPPING = frozenset({"skip", "backoff", "rollback", "abort"})
+
+def check_adapter_args(config: Any, recorder: Any, prefix: Any) -> None:
+    """The argument checks both framework adapters share; raise before anything is built."""
+    if config is not None and not isinstance(config, GuardConfig):
+        raise TypeError(f"config must be a GuardConfig or None, got {type(config).__name__}")
+    if recorder is not None and not isinstance(recorder, Recorder):
+        raise TypeError(f"recorder must be a Recorder or None, got {type(recorder).__name__}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
 
 
 class RowBuffer:

@@ -32,7 +32,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 from gradguard.guard import Guard, GuardConfig
-from gradguard.integrations._metrics import RowBuffer, step_metrics
+from gradguard.integrations._metrics import RowBuffer, check_adapter_args, step_metrics
 from gradguard.records import Recorder
 
 __all__ = ["GuardCallback"]
@@ -68,12 +68,7 @@ class GuardCallback(pl.Callback):
         log_layers: bool = True,
         prefix: str = "guard/",
     ) -> None:
-        if config is not None and not isinstance(config, GuardConfig):
-            raise TypeError(f"config must be a GuardConfig or None, got {type(config).__name__}")
-        if recorder is not None and not isinstance(recorder, Recorder):
-            raise TypeError(f"recorder must be a Recorder or None, got {type(recorder).__name__}")
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        check_adapter_args(config, recorder, prefix)
         self.config = config
         self.recorder = recorder
         self.process_group = process_group

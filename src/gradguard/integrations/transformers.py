@@ -51,7 +51,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from gradguard.guard import Guard, GuardConfig
-from gradguard.integrations._metrics import RowBuffer, window_metrics
+from gradguard.integrations._metrics import RowBuffer, check_adapter_args, window_metrics
 from gradguard.policies import FixedThreshold
 from gradguard.records import Recorder
 
@@ -102,12 +102,7 @@ class GuardCallback(TrainerCallback):
         log_layers: bool = False,
         prefix: str = "guard/",
     ) -> None:
-        if config is not None and not isinstance(config, GuardConfig):
-            raise TypeError(f"config must be a GuardConfig or None, got {type(config).__name__}")
-        if recorder is not None and not isinstance(recorder, Recorder):
-            raise TypeError(f"recorder must be a Recorder or None, got {type(recorder).__name__}")
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        check_adapter_args(config, recorder, prefix)
         self.config = config
         self.recorder = recorder
         self.process_group = process_group
