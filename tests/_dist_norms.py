@@ -22,9 +22,14 @@ SHAPES = [(6, 5), (8,), (4, 3, 2), (10, 7)]  # first dims divisible by 2: even s
 NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
 
 
-def full_tensors(seed: int = 0) -> list[torch.Tensor]:
+# Fewer rows than ranks: with Shard(0) over 2 ranks, rank 1's shard of the first is empty
+# (FSDP2 shards the same way), where torch's inf-norm raises.
+UNEVEN_SHAPES = [(1,), (3, 2), (1, 4)]
+
+
+def full_tensors(seed: int = 0, shapes: list[tuple[int, ...]] = SHAPES) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=torch.float64) * 3 for s in SHAPES]
+    return [torch.randn(s, generator=gen, dtype=torch.float64) * 3 for s in shapes]
 
 
 def free_port() -> int:
@@ -62,6 +67,21 @@ def _measure(rank: int, world: int) -> dict[str, Any]:
     out["clip-total"] = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
     # Plain lists: tensors in a queue live in shared memory that dies with this process.
     out["clip-grads"] = [p.grad.full_tensor().tolist() for p in params]  # type: ignore[union-attr]
+    uneven = full_tensors(1, UNEVEN_SHAPES)
+    sharded = [distribute_tensor(t, mesh, [Shard(0)]) for t in uneven]
+    out["uneven-empty-shard"] = [d.to_local().numel() == 0 for d in sharded]
+    for p in NORM_TYPES:
+        norms = gg.grad_norms(sharded, p)
+        out[f"uneven-{p}-total"] = float(norms.total)
+        out[f"uneven-{p}-per"] = [float(n) for n in norms.per_tensor]
+        out[f"uneven-{p}-plain"] = type(norms.total).__name__ == "Tensor"
+    uneven_params = []
+    for t in uneven:
+        param = torch.nn.Parameter(distribute_tensor(torch.zeros_like(t), mesh, [Shard(0)]))
+        param.grad = distribute_tensor(t.clone(), mesh, [Shard(0)])
+        uneven_params.append(param)
+    out["uneven-clip-total"] = float(gg.clip_grad_norm_(uneven_params, 1.0, math.inf))
+    out["uneven-clip-grads"] = [p.grad.full_tensor().tolist() for p in uneven_params]  # type: ignore[union-attr]
     bad = [t.clone() for t in local]
     if rank == 1:
         bad[0].view(-1)[0] = math.nan  # one rank's NaN must reach every rank's flag

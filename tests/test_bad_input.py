@@ -215,3 +215,124 @@ def test_foreach_true_on_a_device_without_foreach_support_raises_like_torch():
     g = torch.ones(3, device="meta")
     with pytest.raises(RuntimeError, match="foreach=True"):
         gg.get_total_norm([g], foreach=True)
+
+
+# --- found by the hostile fuzz (tests/test_hostile.py) ---------------------------------------
+
+
+def test_empty_lists_give_empty_results() -> None:
+    assert gg.tensor_norms([]) == []
+    assert gg.clip_by_norm_([], 1.0) == []
+
+
+@pytest.mark.parametrize("bad", [None, "abc", [1], 1, 0.0])
+def test_get_total_norm_refuses_a_non_bool_error_flag(bad: object) -> None:
+    grads = [torch.ones(3)]
+    with pytest.raises(TypeError, match="error_if_nonfinite"):
+        gg.get_total_norm(grads, 2.0, bad)  # type: ignore[arg-type]
+
+
+def test_contiguous_grads_refuses_a_sparse_gradient_before_changing_anything() -> None:
+    emb = nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    dense = nn.Parameter(torch.ones(3))
+    dense.grad = torch.full((3,), 5.0)
+    sparse_grad = emb.weight.grad
+    with pytest.raises(TypeError, match="layout"):
+        gg.ContiguousGrads([dense, emb.weight])
+    assert emb.weight.grad is sparse_grad and torch.equal(dense.grad, torch.full((3,), 5.0))
+
+
+# Finite Python floats beyond fp32: above its largest value, and below its smallest subnormal.
+HUGE = [3.5e38, 1e300]
+TINY = [2.7e-278, 1e-40]
+
+
+def _exact_tf(t: torch.Tensor, clip: float, norm: float) -> torch.Tensor:
+    """``t * min(clip / norm, 1)`` in fp64 (Python floats cover the range), rounded at the end."""
+    scale = 1.0 if norm <= clip else clip / norm
+    return (t.double() * scale).to(t.dtype)
+
+
+@pytest.mark.parametrize("clip", HUGE + TINY + [1e38, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tf_clips_are_right_for_clip_norms_outside_fp32(clip: float, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    ts = [torch.randn(5).to(dtype) * 3, torch.zeros(4, dtype=dtype), torch.randn(2).to(dtype)]
+    norm = float(torch.linalg.vector_norm(torch.cat([t.double() for t in ts])))
+    out, got_norm = gg.clip_by_global_norm(ts, clip)
+    assert float(got_norm) == pytest.approx(norm, rel=1e-6)
+    for o, t in zip(out, ts):
+        assert o is not None and o.dtype == dtype
+        torch.testing.assert_close(o, _exact_tf(t, clip, norm), rtol=1e-5, atol=1e-44)
+    for t in ts:  # the zero tensor: 0 / 0 must not appear
+        one = float(torch.linalg.vector_norm(t.double()))
+        torch.testing.assert_close(
+            gg.clip_by_norm(t, clip), _exact_tf(t, clip, one), rtol=1e-5, atol=1e-44
+        )
+
+
+@pytest.mark.parametrize("clip", HUGE)
+def test_tf_clips_keep_nonfinite_semantics_for_huge_clip_norms(clip: float) -> None:
+    t = torch.tensor([1.0, math.inf])
+    out = gg.clip_by_norm(t, clip)  # t * clip / max(inf, clip): finite entries 0, inf NaN
+    assert out[0] == 0 and out[1].isnan()
+    (g,), norm = gg.clip_by_global_norm([t], clip)
+    assert g is not None and bool(g.isnan().all()) and norm.isinf()  # TF: all NaN
+
+
+@pytest.mark.parametrize("clip_value", HUGE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("foreach", [False, None])
+def test_clip_grad_value_above_the_dtype_range_clamps_at_its_largest_value(
+    clip_value: float, dtype: torch.dtype, foreach: bool | None
+) -> None:
+    top = torch.finfo(dtype).max
+    p = nn.Parameter(torch.zeros(4, dtype=dtype))
+    p.grad = torch.tensor([1.5, -math.inf, math.inf, -2.0], dtype=dtype)
+    gg.clip_grad_value_([p], clip_value, foreach=foreach)
+    assert p.grad.tolist() == [1.5, -top, top, -2.0]
+    p.grad = torch.tensor([1.5, -math.inf, math.inf, -2.0], dtype=dtype)
+    gg.clip_grad_value_([p], 1e4, foreach=foreach)  # in range for every dtype: as torch
+    bound = float(torch.tensor(1e4, dtype=dtype))
+    assert p.grad.tolist() == [1.5, -bound, bound, -2.0]
+
+
+@pytest.mark.parametrize("max_norm", HUGE)
+def test_norm_clips_with_huge_max_norm_leave_finite_gradients_alone(max_norm: float) -> None:
+    for clip in (gg.clip_grad_norm_, gg.clip_by_norm_):
+        ps = _params()
+        before = [p.grad.clone() for p in ps]  # type: ignore[union-attr]
+        clip(ps, max_norm)
+        assert all(torch.equal(p.grad, b) for p, b in zip(ps, before))  # type: ignore[arg-type]
+        ps[0].grad[0, 0] = math.inf  # type: ignore[index]
+        clip(ps, max_norm)  # an inf norm: finite entries zeroed, as torch with an in-range bound
+        assert ps[1].grad.eq(0).all() if clip is gg.clip_grad_norm_ else True  # type: ignore[union-attr]
+        assert ps[0].grad.view(-1)[1:].eq(0).all()  # type: ignore[union-attr]
+
+
+def _agc_reference(model: nn.Module, lam: float, eps: float) -> list[torch.Tensor]:
+    """timm's rule in fp64, where every Python float fits."""
+    out = []
+    for p in model.parameters():
+        w, g = p.detach().double(), p.grad.double()  # type: ignore[union-attr]
+        dims = tuple(range(1, w.ndim)) if w.ndim > 1 else None
+        wn = torch.linalg.vector_norm(w, dim=dims, keepdim=w.ndim > 1).clamp(min=eps) * lam
+        gn = torch.linalg.vector_norm(g, dim=dims, keepdim=w.ndim > 1)
+        coef = torch.where(gn < wn, 1.0, wn / gn.clamp(min=1e-6))
+        out.append((g * coef).float())
+    return out
+
+
+@pytest.mark.parametrize(
+    ("lam", "eps"), [(0.01, 3.5e38), (3.5e38, 1e-3), (1e-39, 1e38), (1e-40, 3e39), (0.01, 1e-3)]
+)
+def test_agc_is_right_for_values_outside_fp32(lam: float, eps: float) -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    m(torch.randn(5, 4)).pow(2).sum().mul(100).backward()
+    want = _agc_reference(m, lam, eps)
+    count = gg.agc_(m, clip_factor=lam, eps=eps)
+    for p, w in zip(m.parameters(), want):
+        torch.testing.assert_close(p.grad, w)
+    assert int(count) >= 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -208,3 +209,146 @@ def test_skip_sampler_leaves_out_skipped_positions_across_epochs() -> None:
     assert again.count == 10
     with pytest.raises(ValueError, match="per_step"):
         SkipSampler(range(3), s.contains, per_step=0)
+
+
+# --- per-rank files, FSDP2 shards, earlier runs in snapshot_dir ------------------------------
+
+
+def test_ranks_share_a_directory_and_read_only_their_own_files(tmp_path: Path) -> None:
+    model, opt, sched = _trained()
+    stores = [SnapshotStore(tmp_path, keep=1, rank=r) for r in (0, 1)]
+    for r, store in enumerate(stores):
+        torch.manual_seed(r)  # different RNG state per rank, as under DDP
+        store.push(capture(model, opt, sched, step=4, position=4))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["snapshot-000000004-rank0.pt", "snapshot-000000004-rank1.pt"]
+    for r in (0, 1):
+        fresh = SnapshotStore(tmp_path, rank=r)
+        assert fresh.scan() == 1 and [f.name for _, f in fresh.on_disk()] == [names[r]]
+        snap = fresh.latest()
+        assert snap is not None
+        torch.manual_seed(r)
+        assert torch.equal(snap["rng"]["torch"], torch.get_rng_state())
+    # A single-process store ignores every rank's files, and a rank store the plain ones.
+    assert SnapshotStore(tmp_path).scan() == 0
+    SnapshotStore(tmp_path).push(capture(model, opt, step=9, position=9))
+    assert SnapshotStore(tmp_path, rank=0).scan() == 1
+    for bad in (-1, 1.0, True, "0"):
+        with pytest.raises(ValueError, match="rank"):
+            SnapshotStore(tmp_path, rank=bad)  # type: ignore[arg-type]
+
+
+def _fsdp_disk_roundtrip(rank: int, world: int, directory: str) -> dict[str, object]:
+    """FSDP2 on gloo: snapshot to one shared directory, train on, restore twice."""
+    from tests import _dist_scale as ds
+
+    model = ds._wrap(ds.make_model(), "fsdp", world)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+
+    def train(pos: int) -> None:
+        ds.loss_fn(model, *ds.batch(pos, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+
+    def local() -> list[torch.Tensor]:
+        return [p.to_local().detach().clone() for p in model.parameters()]  # type: ignore[operator]
+
+    train(0)
+    store = SnapshotStore(directory, keep=2)
+    torch.manual_seed(100 + rank)  # each rank's own RNG state must come back
+    store.push(capture(model, opt, step=1, position=1))
+    saved, rng = local(), torch.get_rng_state()
+    snap = store.latest()
+    assert snap is not None
+    finals, restored = [], []
+    for _ in range(2):  # restoring twice gives the same state: no aliasing of the snapshot
+        restore(snap, model, opt)
+        restored.append(
+            all(torch.equal(a, b) for a, b in zip(local(), saved))
+            and torch.equal(torch.get_rng_state(), rng)
+        )
+        train(1)
+        train(2)
+        finals.append(local())
+    kinds = {type(v).__name__ for st in opt.state.values() for v in st.values()}
+    return {
+        "resumed": _resume_with_one_rank_damaged(rank, world, os.path.join(directory, "guard")),
+        "names": sorted(n for n in os.listdir(directory) if n.endswith(".pt")),
+        "restored": restored,
+        "replayed_equal": all(torch.equal(a, b) for a, b in zip(*finals)),
+        "state_kinds": sorted(kinds),
+        "param_kinds": sorted({type(p).__name__ for p in model.parameters()}),
+    }
+
+
+def _resume_with_one_rank_damaged(rank: int, world: int, directory: str) -> list[int]:
+    """Guarded FSDP2 run with snapshots every step; rank 1's newest file is then truncated. A
+    resume must still pick the same step on every rank (the newest one all ranks can read)."""
+    from gradguard.guard import Guard, GuardConfig
+    from tests import _dist_scale as ds
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer, Guard]:
+        model = ds._wrap(ds.make_model(), "fsdp", world)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        cfg = GuardConfig(snapshot_every=1, snapshot_dir=directory, detectors=[])
+        return model, opt, Guard(model, opt, config=cfg)
+
+    model, opt, guard = build()
+    for pos in range(3):
+        loss = ds.loss_fn(model, *ds.batch(pos, rank, world))
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    if rank == 1:
+        newest = max(Path(directory).glob(f"snapshot-*-rank{rank}.pt"))
+        newest.write_bytes(newest.read_bytes()[:-50])
+    torch.distributed.barrier()
+    model, opt, guard = build()  # a new process on every rank
+    return [guard.resume(), guard.step_count, len(guard.snapshots.errors)]
+
+
+def test_fsdp2_disk_snapshots_restore_each_ranks_own_shards(tmp_path: Path) -> None:
+    from tests import _dist_scale as ds
+
+    results = ds.launch(_fsdp_disk_roundtrip, 2, str(tmp_path), timeout=120.0)
+    for r, res in enumerate(results):
+        assert res["names"] == [f"snapshot-000000001-rank{k}.pt" for k in (0, 1)]
+        assert res["restored"] == [True, True], r
+        assert res["replayed_equal"], r
+        assert res["resumed"] == [2, 2, r], r  # step 3 is unreadable on rank 1: all go to 2
+        assert res["param_kinds"] == ["DTensor"] and "DTensor" in res["state_kinds"]  # type: ignore[operator]
+    # The files hold plain tensors (a rank's shard), loadable anywhere with weights_only=True.
+    for k in (0, 1):
+        snap = load_snapshot(tmp_path / f"snapshot-000000001-rank{k}.pt")
+        shards = [v for v in snap["model"].values() if isinstance(v, dict)]
+        assert shards and all(type(s["local"]) is torch.Tensor for s in shards)
+
+
+def test_guard_keeps_an_earlier_runs_snapshots_until_resumed(tmp_path: Path) -> None:
+    from gradguard.guard import Guard, GuardConfig
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer, Guard]:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cfg = GuardConfig(snapshot_every=2, snapshot_dir=str(tmp_path), detectors=[])
+        return model, opt, Guard(model, opt, config=cfg)
+
+    def step(model: nn.Module, guard: Guard) -> None:
+        model(torch.randn(4, 3)).pow(2).mean().backward()
+        guard.step(model(torch.randn(4, 3)).pow(2).mean().detach())
+
+    model, opt, guard = build()
+    for _ in range(3):
+        step(model, guard)
+        opt.zero_grad()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["snapshot-000000000.pt", "snapshot-000000002.pt"]
+    model, opt, guard = build()  # a new process on the same directory
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing overwritten
+    with pytest.raises(ValueError, match=r"snapshot_dir.*resume"):
+        step(model, guard)
+    assert guard.step_count == 0 and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert guard.resume() == 2 and guard.step_count == 2
+    step(model, guard)  # continuing the earlier run is allowed
+    assert guard.step_count == 3

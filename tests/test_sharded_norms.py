@@ -62,3 +62,32 @@ def test_clip_on_dtensor_parameters_scales_by_the_full_norm(results):
 
 def test_one_ranks_nan_reaches_every_ranks_flag(results):
     assert [res["group-nan-finite"] for res in results] == [False, False]
+
+
+@pytest.mark.parametrize("p", dn.NORM_TYPES)
+def test_a_rank_with_an_empty_shard_still_gets_the_full_norm(results, p):
+    """torch's inf-norm raises on the empty shard; the norm of nothing is 0 on that rank."""
+    full = dn.full_tensors(1, dn.UNEVEN_SHAPES)
+    assert [res["uneven-empty-shard"] for res in results] == [[False] * 3, [True, False, True]]
+    expected_total = torch.nn.utils.get_total_norm(full, p).item()
+    expected_per = [torch.linalg.vector_norm(t, p).item() for t in full]
+    for res in results:
+        assert res[f"uneven-{p}-plain"]
+        assert res[f"uneven-{p}-total"] == pytest.approx(expected_total, rel=1e-12)
+        assert res[f"uneven-{p}-per"] == pytest.approx(expected_per, rel=1e-12)
+
+
+def test_inf_norm_clipping_with_an_empty_shard_matches_one_process(results):
+    full = dn.full_tensors(1, dn.UNEVEN_SHAPES)
+    params = []
+    for t in full:
+        param = torch.nn.Parameter(torch.zeros_like(t))
+        param.grad = t.clone()
+        params.append(param)
+    total = torch.nn.utils.clip_grad_norm_(params, 1.0, float("inf"))
+    for res in results:
+        assert res["uneven-clip-total"] == pytest.approx(total.item(), rel=1e-12)
+        for got, param in zip(res["uneven-clip-grads"], params):
+            torch.testing.assert_close(
+                torch.tensor(got, dtype=torch.float64), param.grad, rtol=1e-12, atol=1e-14
+            )

@@ -155,9 +155,26 @@ def _units(t: Tensor) -> int:
 
 def _coefficient(w_norm: Tensor, g_norm: Tensor, lam: float, eps: float) -> tuple[Tensor, Tensor]:
     """Per-unit factors (timm's rule: a unit below its bound keeps 1) and how many were cut."""
-    max_norm = w_norm.clamp_(min=eps).mul_(lam)  # w_norm is a temporary: reuse it
+    top = torch.finfo(w_norm.dtype).max
+    if eps <= top and lam <= top:
+        max_norm = w_norm.clamp_(min=eps).mul_(lam)  # w_norm is a temporary: reuse it
+    else:
+        max_norm = _wide_bound(w_norm, lam, eps)
     coef = torch.where(g_norm < max_norm, 1.0, max_norm / g_norm.clamp(min=1e-6))
     return coef, (g_norm > max_norm).sum()
+
+
+def _wide_bound(w_norm: Tensor, lam: float, eps: float) -> Tensor:
+    """``lam * max(w_norm, eps)`` for ``lam`` or ``eps`` beyond ``w_norm``'s dtype (rare).
+
+    torch refuses such a scalar in ``clamp`` and turns it into inf in ``mul``, although the
+    product can be finite (``lam = 1e39``, ``||W|| = 1e-3``). fp64 holds every Python float; a
+    bound that still overflows is capped at the largest finite value, which every finite
+    gradient norm lies below (factor 1) and an inf one above (factor 0), as for the exact bound.
+    """
+    wide = torch.float64 if w_norm.device.type != "mps" else torch.float32  # mps has no fp64
+    top = torch.finfo(wide).max
+    return w_norm.to(wide).clamp_(min=min(eps, top)).mul_(min(lam, top)).clamp_(max=top)
 
 
 def _clip_one_(w: Tensor, g: Tensor, lam: float, eps: float) -> Tensor:

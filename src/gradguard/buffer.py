@@ -40,6 +40,9 @@ class ContiguousGrads:
         if not params:
             raise ValueError("parameters must contain at least one tensor that requires grad")
         _validate.check_tensors(params, "parameters")
+        # attach() copies existing gradients in: a sparse or integer one must fail here, before
+        # any .grad is replaced, not later with torch's "Cannot access data pointer".
+        _validate.grads_of(params)
         self.params = params
         self.buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._slices: list[tuple[tuple[torch.device, torch.dtype], int, int]] = []

@@ -53,13 +53,56 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor, nonfinite: st
     it gives 0. Computed with ``torch.where`` so that no value is read on the host.
     """
     if isinstance(max_norm, Tensor):
-        max_norm = max_norm.to(total_norm.device)
-    coef = torch.clamp(max_norm / (total_norm + EPS), max=1.0)
+        coef = torch.clamp(max_norm.to(total_norm.device) / (total_norm + EPS), max=1.0)
+    else:
+        coef = _torch_coef(max_norm, total_norm)
     if nonfinite == "skip":
         coef = torch.where(total_norm.isfinite(), coef, torch.ones_like(coef))
     elif nonfinite == "zero":
         coef = torch.where(total_norm.isfinite(), coef, torch.zeros_like(coef))
     return coef
+
+
+def _torch_coef(max_norm: float, norm: Tensor) -> Tensor:
+    """torch's ``min(max_norm / (norm + 1e-6), 1)``, also for ``max_norm`` above the dtype's range.
+
+    torch would turn such a bound into inf (and ``inf / inf`` into NaN). Every finite norm is
+    below it: factor 1; an inf norm gives 0 and a NaN norm NaN, as for an in-range bound.
+    """
+    top = torch.finfo(norm.dtype).max
+    if max_norm > top:
+        return torch.where(norm <= top, 1.0, top / norm)
+    return torch.clamp(max_norm / (norm + EPS), max=1.0)
+
+
+def _min_ratio(norm: Tensor, clip: float) -> Tensor:
+    """``min(clip / norm, 1)`` for a ``clip`` whose reciprocal does not fit ``norm``'s dtype.
+
+    The TF formulas divide by ``clip`` or by ``max(norm, clip)`` through a reciprocal, which
+    overflows (or loses precision as a subnormal) there. Here ``clip`` is rounded to the dtype
+    (the largest finite value above its range, a subnormal or 0 below) and divided directly:
+    a norm at or below the bound (a zero norm too) gives 1, an inf norm 0, a NaN norm NaN.
+    """
+    top = torch.finfo(norm.dtype).max
+    bound = torch.full((), min(clip, top), device=norm.device, dtype=norm.dtype)
+    return torch.where(norm <= bound, 1.0, bound / norm)
+
+
+def _reciprocal_fits(clip: float, dtype: torch.dtype) -> bool:
+    """True when ``clip`` and ``1 / clip`` are both normal numbers of ``dtype``."""
+    tiny = torch.finfo(dtype).smallest_normal
+    return tiny <= clip <= 1.0 / tiny
+
+
+def _in_range(value: float, dtype: torch.dtype) -> float:
+    """``value`` capped at ``dtype``'s largest finite number.
+
+    torch refuses a larger Python scalar in clamp (and turns it into inf in arithmetic, where
+    ``inf / inf`` is NaN). A bound above every finite value of the dtype acts like the largest
+    one: a finite entry or norm lies below both, an inf one above both.
+    """
+    top = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    return value if value <= top else top
 
 
 def _scale_(
@@ -209,13 +252,14 @@ def clip_grad_value_(
     clip_value = _validate.threshold("clip_value", clip_value)
     foreach = _validate.foreach_flag(foreach)
     grads = _validate.grads_of(_validate.materialize(parameters))
-    for (device, _), group in group_by_device_dtype(grads).items():
+    for (device, dtype), group in group_by_device_dtype(grads).items():
+        bound = _in_range(clip_value, dtype)
         if use_foreach(group, device, foreach):
-            torch._foreach_clamp_min_(group, -clip_value)
-            torch._foreach_clamp_max_(group, clip_value)
+            torch._foreach_clamp_min_(group, -bound)
+            torch._foreach_clamp_max_(group, bound)
         else:
             for g in group:
-                g.clamp_(min=-clip_value, max=clip_value)
+                g.clamp_(min=-bound, max=bound)
 
 
 @torch.no_grad()
@@ -249,7 +293,7 @@ def clip_by_norm_(
     norms = tensor_norms(grads, p, foreach)
     if not grads:
         return norms
-    coefs = [torch.clamp(max_norm / (n + EPS), max=1.0) for n in norms]
+    coefs = [_torch_coef(max_norm, n) for n in norms]
     for (device, dtype), group in group_by_device_dtype(grads).items():
         index = {id(g): i for i, g in enumerate(grads)}
         factors = [coefs[index[id(g)]].to(device=device, dtype=dtype) for g in group]
@@ -307,7 +351,11 @@ def clip_by_norm(t: Tensor, clip_norm: float) -> Tensor:
     clip_norm = _validate.threshold("clip_norm", clip_norm, allow_zero=False)
     acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
     norm = torch.linalg.vector_norm(t, dtype=acc)
-    return (t * (clip_norm / torch.clamp(norm, min=clip_norm))).to(t.dtype)
+    if _reciprocal_fits(clip_norm, norm.dtype):
+        factor = clip_norm / torch.clamp(norm, min=clip_norm)
+    else:
+        factor = _min_ratio(norm, clip_norm)
+    return (t * factor).to(t.dtype)
 
 
 def clip_by_global_norm(
@@ -357,11 +405,18 @@ def clip_by_global_norm(
         global_norm = torch.tensor(
             _validate.as_float("use_norm", use_norm), device=device, dtype=dtype
         )
-    # TF: scale = clip_norm * min(1 / use_norm, 1 / clip_norm) + (use_norm - use_norm)
-    inv_clip = torch.full((), 1.0 / clip, device=device, dtype=dtype)
-    scale = clip * torch.minimum(1.0 / global_norm, inv_clip)
+    scale = _global_scale(global_norm, clip)
+    # TF adds (use_norm - use_norm): a NaN or inf global norm makes every output NaN.
     scale = scale + (global_norm - global_norm)
     out: list[Tensor | None] = [
         None if t is None else (t * scale.to(t.device)).to(t.dtype) for t in t_list
     ]
     return out, global_norm
+
+
+def _global_scale(global_norm: Tensor, clip: float) -> Tensor:
+    """TF's ``clip * min(1 / global_norm, 1 / clip)``, also for a ``clip`` outside fp32's range."""
+    if _reciprocal_fits(clip, global_norm.dtype):
+        inv_clip = torch.full((), 1.0 / clip, device=global_norm.device, dtype=global_norm.dtype)
+        return clip * torch.minimum(1.0 / global_norm, inv_clip)
+    return _min_ratio(global_norm, clip)

@@ -116,8 +116,12 @@ class GuardConfig:
         budgets: when a rung escalates (:class:`~gradguard.response.Budgets`).
         backoff_factor: LR multiplier of a ``"backoff"`` response, in (0, 1).
         snapshot_every: take a snapshot every this many steps (0: never; then ``"rollback"``
-            escalates past itself). A snapshot is also taken when the guard is created.
-        snapshot_dir: write snapshots there (atomic, checksummed) instead of CPU memory.
+            escalates past itself). A snapshot is also taken when the guard is created (not on a
+            ``snapshot_dir`` that already holds snapshots, see below).
+        snapshot_dir: write snapshots there (atomic, checksummed) instead of CPU memory. Under
+            ``torch.distributed`` each rank writes and reads its own ``-rank<r>`` files, so all
+            ranks can share it. A directory that already holds snapshots is left untouched:
+            call :meth:`Guard.resume` to continue that run; stepping without it raises.
         keep_snapshots: how many snapshots to keep.
         skip_before, skip_after: widen the skipped window around the flagged batches on a
             rollback (PaLM skipped a few hundred batches around a spike).
@@ -412,7 +416,13 @@ class Guard:
             hook = getattr(model, "register_state_dict_pre_hook", None)
             if callable(hook):
                 hook(lambda *_: self._resolve_quietly())
-        if config.snapshot_every:
+        # Snapshots of an earlier run in snapshot_dir: the initial snapshot would overwrite its
+        # step 0 and a later resume() could mix the two runs. Keep them until resume() (or
+        # load_state_dict()) continues that run; a fresh first step raises instead.
+        self._earlier_run = (
+            [f for _, f in self.snapshots.on_disk()] if config.snapshot_every else []
+        )
+        if config.snapshot_every and not self._earlier_run:
             self.snapshot()
 
     # ------------------------------------------------------------------ public helpers
@@ -483,9 +493,10 @@ class Guard:
             >>> start = guard.resume()      # after a crash
         """
         self._pending = None
+        self._earlier_run = []
         if snapshot is None:
             self.snapshots.scan()
-            snap = self.snapshots.latest()
+            snap = self._agreed_snapshot(None)
             if snap is None:
                 raise SnapshotError(
                     f"no readable snapshot in {self.config.snapshot_dir!r} "
@@ -506,6 +517,8 @@ class Guard:
             self.streak_start = int(g["streak_start"])
         self.step_count = int(snap["step"])
         self.position = self.skip_list.next_allowed(int(snap["position"]))
+        if self.config.snapshot_every and not self.snapshots.has():
+            self.snapshot()  # something to roll back to before the next scheduled snapshot
         return self.position
 
     # ------------------------------------------------------------------ the step
@@ -573,6 +586,12 @@ class Guard:
     # ------------------------------------------------------------------ measure, detect, clip
 
     def _before(self, loss: Tensor | float | None, plain: bool) -> StepReport:
+        if self._earlier_run:
+            raise ValueError(
+                f"snapshot_dir {self.config.snapshot_dir!r} holds snapshots of an earlier run "
+                f"({', '.join(f.name for f in self._earlier_run[-3:])}); call guard.resume() "
+                "to continue it, or give this run an empty snapshot_dir (or delete the files)"
+            )
         self._disarm_scheduler()
         previous = self._resolve()
         if previous is not None and previous.action == "rollback":
@@ -933,8 +952,26 @@ class Guard:
         if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
             self.scheduler.base_lrs = [b * f for b in self.scheduler.base_lrs]
 
+    def _agreed_snapshot(self, max_position: int | None) -> dict[str, Any] | None:
+        """The newest snapshot every rank can read: the same step on all ranks, or ``None``."""
+        snap = self.snapshots.latest(max_position=max_position)
+        if self.snapshots.directory is None or _distributed.world_size(self.process_group) <= 1:
+            return snap
+        # A disk file may be unreadable on one rank only; restoring different steps would split
+        # the replicas. Agree on the newest step all ranks hold (steps only go down: it ends).
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        while True:
+            mine = float(snap["step"]) if snap is not None else -1.0
+            ends = torch.tensor([mine, -mine], dtype=torch.float64, device=device)
+            hi, neg_lo = _distributed.agree_(ends, self.process_group).tolist()
+            if hi == -neg_lo:
+                return snap
+            if -neg_lo < 0:
+                return None
+            snap = self.snapshots.latest(max_position=max_position, max_step=int(-neg_lo))
+
     def _rollback(self, p: _Pending) -> dict[str, Any]:
-        snap = self.snapshots.latest(max_position=self.streak_start)
+        snap = self._agreed_snapshot(self.streak_start)
         if snap is None:  # a disk snapshot turned out unreadable and none is left
             self._abort(p, "rollback")
         assert snap is not None
@@ -1027,6 +1064,7 @@ class Guard:
         if len(state["detectors"]) != len(self.detectors):
             raise ValueError("Guard.load_state_dict: detector count differs")
         self._pending = None
+        self._earlier_run = []
         self.policy.load_state_dict(state["policy"])
         for d, st in zip(self.detectors, state["detectors"]):
             d.load_state_dict(st)

@@ -52,8 +52,10 @@ def _full(t: Tensor) -> Tensor:
 
 def _full_all(norms: list[Tensor]) -> list[Tensor]:
     """Plain tensors for a group's norms: one collective for all DTensor norms, not one each."""
-    if not norms or not _is_dtensor(norms[0]):
+    if not any(_is_dtensor(n) for n in norms):
         return norms
+    if not all(_is_dtensor(n) for n in norms):  # mixed plain and sharded tensors
+        return [_full(n) for n in norms]
     try:
         stacked = torch.stack(norms)
     except (RuntimeError, NotImplementedError):  # placements stack cannot propagate
@@ -61,12 +63,46 @@ def _full_all(norms: list[Tensor]) -> list[Tensor]:
     return list(_full(stacked).unbind(0))
 
 
+def _local_inf_norm(t: Tensor, acc: torch.dtype | None) -> Tensor:
+    """The inf-norm of a sharded DTensor from its local shard, as a max-Partial DTensor.
+
+    torch computes it with ``_foreach_norm``/``vector_norm`` on each rank's shard, which raises
+    on a rank whose shard is empty (FSDP2 gives the last ranks nothing when a dimension has
+    fewer rows than ranks), while ``numel()`` is the global size. |x| >= 0, so an empty shard's
+    max is 0, and the max over the mesh is the full norm. ``numel()`` of the local tensor is
+    metadata: no host sync.
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Partial
+
+    local = t.to_local()  # type: ignore[attr-defined]
+    if local.numel():
+        n = torch.linalg.vector_norm(local, math.inf, dtype=acc)
+    else:
+        n = local.new_zeros((), dtype=acc or local.dtype)
+    placements = [Partial("max") if p.is_shard() else p for p in t.placements]  # type: ignore[attr-defined]
+    return DTensor.from_local(n, t.device_mesh, placements, run_check=False)  # type: ignore[attr-defined]
+
+
+def _shard_or_replicate(t: Tensor) -> bool:
+    return all(p.is_shard() or p.is_replicate() for p in t.placements)  # type: ignore[attr-defined]
+
+
 def _group_norms(groups: list[Group], norm_type: float, foreach: bool | None) -> list[list[Tensor]]:
     """Per-tensor norms for each group (fp32 for fp16/bf16), DTensor norms made full."""
     out = []
     for g in groups:
         acc = torch.float32 if g.dtype in LOW_PRECISION else None
-        if math.isinf(norm_type) and any(t.numel() == 0 for t in g.tensors):
+        if math.isinf(norm_type) and any(
+            _is_dtensor(t) and _shard_or_replicate(t) for t in g.tensors
+        ):
+            norms = [
+                _local_inf_norm(t, acc)
+                if _is_dtensor(t) and _shard_or_replicate(t)
+                else torch.linalg.vector_norm(t, norm_type if t.numel() else 2.0, dtype=acc)
+                for t in g.tensors
+            ]
+        elif math.isinf(norm_type) and any(t.numel() == 0 for t in g.tensors):
             # torch raises here (max has no identity); the norm of nothing is 0 for every p.
             norms = [
                 torch.linalg.vector_norm(t, norm_type if t.numel() else 2.0, dtype=acc)
@@ -81,6 +117,8 @@ def _group_norms(groups: list[Group], norm_type: float, foreach: bool | None) ->
 
 
 def _in_input_order(groups: list[Group], norms: list[list[Tensor]], n: int) -> list[Tensor]:
+    if not groups:
+        return []
     if len(groups) == 1:
         return norms[0]
     out: list[Tensor] = [norms[0][0]] * n
@@ -218,6 +256,10 @@ def get_total_norm(
         >>> get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
     """
+    if not isinstance(error_if_nonfinite, bool):
+        raise TypeError(
+            f"error_if_nonfinite must be a bool, got {type(error_if_nonfinite).__name__}"
+        )
     total = grad_norms(tensors, norm_type, foreach=foreach).total
     if error_if_nonfinite and not bool(total.isfinite()):
         raise RuntimeError(

@@ -129,9 +129,19 @@ class Recorder:
         return {"flush_every": self.flush_every, "keep": self.keep, "rows": list(self.rows)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.flush_every = int(state["flush_every"])
-        self.keep = bool(state["keep"])
-        self.rows = list(state["rows"])
+        """Restore from :meth:`state_dict`; a malformed state raises and changes nothing."""
+        if not isinstance(state, dict) or not {"flush_every", "keep", "rows"} <= state.keys():
+            raise ValueError("state must be a dict with the keys flush_every, keep and rows")
+        flush_every, keep, rows = state["flush_every"], state["keep"], state["rows"]
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"state['flush_every'] must be an int >= 1, got {flush_every!r}")
+        if not isinstance(keep, bool):
+            raise TypeError(f"state['keep'] must be a bool, got {type(keep).__name__}")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise TypeError("state['rows'] must be a list of dicts")
+        self.flush_every = flush_every
+        self.keep = keep
+        self.rows = list(rows)
         self._pending = []
         self._pending_steps = set()
 

@@ -14,7 +14,9 @@ file in the same directory, flushed and fsynced, renamed over the final name wit
 kept until a newer one is complete. Files hold only tensors, dicts, lists, numbers and strings,
 so they load with ``torch.load(path, weights_only=True)``; a SHA-256 checksum over the content
 turns a truncated or corrupted file into a clear :class:`SnapshotError`, and the store falls
-back to the previous snapshot.
+back to the previous snapshot. Under ``torch.distributed`` each rank keeps its own files
+(``snapshot-<step>-rank<r>.pt``), and a DTensor (FSDP2 shard) is stored as the rank's local shard
+and rebuilt on the live model's device mesh by :func:`restore`.
 
 Example:
     >>> store = SnapshotStore(directory="ckpt", keep=2)
@@ -29,6 +31,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
@@ -63,12 +66,41 @@ class SnapshotError(RuntimeError):
 
 # --------------------------------------------------------------------------- copying
 
+# A DTensor (FSDP2 shard) is stored as a plain dict holding this rank's local shard: a file must
+# load with weights_only=True on any process, and a device mesh cannot be saved. restore()
+# rebuilds it with the live model's mesh.
+DTENSOR_TAG = "__gradguard_dtensor__"
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return None
+    return DTensor
+
+
+def _is_dtensor(obj: Any) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(obj, cls)
+
 
 def to_cpu(obj: Any) -> Any:
     """A deep copy of a state tree with every tensor detached, cloned and moved to the CPU.
 
     Tuples become lists (``weights_only`` loading and JSON both prefer them); dict keys are kept.
+    A DTensor (an FSDP2 shard) becomes ``{"__gradguard_dtensor__": 1, "local": <this rank's
+    shard>, "shape": [...], "stride": [...], "placements": ["S(0)", ...]}``; :func:`restore`
+    turns it back into a DTensor on the live model's device mesh.
     """
+    if _is_dtensor(obj):
+        return {
+            DTENSOR_TAG: 1,
+            "local": obj.to_local().detach().to("cpu", copy=True),
+            "shape": [int(n) for n in obj.shape],
+            "stride": [int(n) for n in obj.stride()],
+            "placements": [str(pl) for pl in obj.placements],
+        }
     if isinstance(obj, Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
@@ -76,6 +108,77 @@ def to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_cpu(v) for v in obj]
     return obj
+
+
+def _parse_placement(text: str) -> Any:
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    if text == "R":
+        return Replicate()
+    if text.startswith("S(") and text.endswith(")") and text[2:-1].isdigit():
+        return Shard(int(text[2:-1]))
+    if text.startswith("P(") and text.endswith(")"):
+        return Partial(text[2:-1])
+    return None
+
+
+# Where a stored DTensor shard goes back: (device mesh, device of the local shard, placements).
+_Home = tuple[Any, torch.device, Any]
+
+
+def _home_of(t: Any) -> _Home | None:
+    if not _is_dtensor(t):
+        return None
+    return (t.device_mesh, t.to_local().device, t.placements)
+
+
+def _from_shard(entry: dict[str, Any], home: _Home | None) -> Tensor:
+    if home is None:
+        raise SnapshotError(
+            "the snapshot holds a DTensor shard (FSDP2) but the live model has no DTensor "
+            "there: shard the model as it was when the snapshot was taken"
+        )
+    from torch.distributed.tensor import DTensor
+
+    mesh, device, live_placements = home
+    parsed = [_parse_placement(str(pl)) for pl in entry["placements"]]
+    placements = live_placements if any(pl is None for pl in parsed) else parsed
+    # A copy: the snapshot's shard must not become the optimizer's state (restored twice).
+    local = entry["local"].to(device, copy=True)
+    return DTensor.from_local(
+        local,
+        mesh,
+        placements,
+        run_check=False,
+        shape=torch.Size(int(n) for n in entry["shape"]),
+        stride=tuple(int(n) for n in entry["stride"]),
+    )
+
+
+def _rebuild(obj: Any, home: _Home | None, clone: bool) -> Any:
+    """Copy of a stored tree with the DTensor shards rebuilt (and, with ``clone``, every tensor
+    cloned: optimizer loaders keep tensors that already sit on the right device)."""
+    if isinstance(obj, dict):
+        if obj.get(DTENSOR_TAG) == 1:
+            return _from_shard(obj, home)
+        return {k: _rebuild(v, home, clone) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rebuild(v, home, clone) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_rebuild(v, home, clone) for v in obj)
+    if isinstance(obj, Tensor) and clone:
+        return obj.clone()
+    if clone:
+        return copy.deepcopy(obj)
+    return obj
+
+
+def _has_shards(obj: Any) -> bool:
+    if isinstance(obj, dict):
+        return obj.get(DTENSOR_TAG) == 1 or any(_has_shards(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_shards(v) for v in obj)
+    return False
 
 
 # --------------------------------------------------------------------------- RNG
@@ -180,16 +283,39 @@ def restore(
     """Put the model, optimizer, scheduler, scaler and RNGs back to ``snapshot``, bit for bit.
 
     The snapshot is not modified (the loaders copy what they take), so it can be restored again.
+    DTensor shards (FSDP2) are rebuilt on the device mesh of the live model's matching entry (the
+    optimizer's on its parameter's mesh): each rank restores its own shard.
     """
     _check_format(snapshot)
-    model.load_state_dict(snapshot["model"])
+    default: _Home | None = None
+    for p in model.parameters():
+        default = _home_of(p)
+        if default is not None:
+            break
+    model_state = snapshot["model"]
+    if _has_shards(model_state):
+        live = model.state_dict()
+        model_state = {
+            k: _rebuild(v, _home_of(live.get(k)) or default, clone=False)
+            for k, v in model_state.items()
+        }
+    model.load_state_dict(model_state)
     # Copies: Optimizer.load_state_dict keeps tensors that already have the right dtype and
     # device, and the optimizer would then update the snapshot's own tensors in place.
-    optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+    opt_state = snapshot["optimizer"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    homes = {i: _home_of(p) or default for i, p in enumerate(params)}
+    loaded = {k: _rebuild(v, default, clone=True) for k, v in opt_state.items() if k != "state"}
+    if "state" in opt_state:
+        # Optimizer state is keyed by the parameter's index: its shard lives on that mesh.
+        loaded["state"] = {
+            k: _rebuild(v, homes.get(k, default), clone=True) for k, v in opt_state["state"].items()
+        }
+    optimizer.load_state_dict(loaded)
     if scheduler is not None and snapshot["scheduler"] is not None:
-        scheduler.load_state_dict(copy.deepcopy(snapshot["scheduler"]))
+        scheduler.load_state_dict(_rebuild(snapshot["scheduler"], default, clone=True))
     if scaler is not None and snapshot["scaler"] is not None:
-        scaler.load_state_dict(copy.deepcopy(snapshot["scaler"]))
+        scaler.load_state_dict(_rebuild(snapshot["scaler"], default, clone=True))
     set_rng_state(snapshot["rng"])
 
 
@@ -208,6 +334,8 @@ def _check_format(snapshot: Any) -> None:
 
 def _feed(h: Any, obj: Any) -> None:
     # Type-tagged, order-preserving encoding: equal digests mean equal content and structure.
+    if _is_dtensor(obj):  # this rank's shard; to_cpu stores DTensors that way too
+        obj = obj.to_local()
     if isinstance(obj, Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
@@ -304,17 +432,32 @@ def load_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data  # type: ignore[no-any-return]
 
 
+_NAME = re.compile(r"snapshot-(\d+)(?:-rank(\d+))?\.pt")
+
+
+def _process_rank() -> int | None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return int(dist.get_rank())
+    return None
+
+
 class SnapshotStore:
     """The last ``keep`` snapshots, in CPU memory or, with ``directory``, on disk.
 
     On disk, snapshot files are ``snapshot-<step>.pt``; older ones are deleted only after a
     newer one is complete, and :meth:`latest` skips unreadable files (logging why, and keeping
-    the reasons in ``errors``) and falls back to the previous one.
+    the reasons in ``errors``) and falls back to the previous one. Under ``torch.distributed``
+    with more than one process every rank holds its own state (FSDP2 shards, RNG states), so
+    its files are ``snapshot-<step>-rank<r>.pt`` and a store reads only its own rank's files:
+    all ranks can share one directory.
 
     Args:
         directory: where to write snapshots; ``None`` keeps them in memory.
         keep: how many snapshots to keep (>= 1; 2 or more lets a rollback reach behind an
             incident that began just before the newest one).
+        rank: the rank in the file names; ``None``: the global rank when ``torch.distributed``
+            is initialized with a world size > 1, else no rank in the names.
 
     Example:
         >>> store = SnapshotStore(keep=2)
@@ -323,13 +466,22 @@ class SnapshotStore:
         0
     """
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None, keep: int = 2) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        keep: int = 2,
+        *,
+        rank: int | None = None,
+    ) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"rank must be an int >= 0 or None, got {rank!r}")
         if directory is not None and not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory must be a path or None, got {type(directory).__name__}")
         self.directory = Path(directory) if directory is not None else None
         self.keep = keep
+        self.rank = rank if rank is not None else _process_rank()
         self.errors: list[str] = []
         self._memory: list[dict[str, Any]] = []
         # (step, position, path) of the files this store wrote or found, oldest first.
@@ -341,18 +493,34 @@ class SnapshotStore:
         A store starts empty so that files of an unrelated earlier run are never restored by
         accident. Returns the number of files found.
         """
-        if self.directory is None or not self.directory.exists():
-            return 0
-        found = []
-        for f in self.directory.glob("snapshot-*.pt"):
-            try:
-                step = int(f.stem.split("-", 1)[1])
-            except ValueError:
-                continue
-            found.append((step, -1, f))  # position unknown until loaded
+        found = [(step, -1, f) for step, f in self.on_disk()]  # positions unknown until loaded
         known = {f[2] for f in self._files}
         self._files = sorted([*self._files, *(f for f in found if f[2] not in known)])
         return len(found)
+
+    def path(self, step: int) -> Path:
+        """The file name of this rank's snapshot of ``step`` (on-disk stores only)."""
+        if self.directory is None:
+            raise ValueError("path: this store keeps its snapshots in memory (directory=None)")
+        suffix = "" if self.rank is None else f"-rank{self.rank}"
+        return self.directory / f"snapshot-{step:09d}{suffix}.pt"
+
+    def on_disk(self) -> list[tuple[int, Path]]:
+        """``(step, path)`` of this rank's snapshot files in ``directory``, oldest first.
+
+        Other ranks' files (and, in a single process, every rank's) are left out.
+        """
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        found = []
+        for f in self.directory.glob("snapshot-*.pt"):
+            m = _NAME.fullmatch(f.name)
+            if m is None:
+                continue
+            rank = int(m.group(2)) if m.group(2) is not None else None
+            if rank == self.rank:
+                found.append((int(m.group(1)), f))
+        return sorted(found)
 
     def has(self, max_position: int | None = None) -> bool:
         """Whether a snapshot at data position ``<= max_position`` may exist (no file is read)."""
@@ -373,25 +541,32 @@ class SnapshotStore:
             del self._memory[: -self.keep]
             return
         step = int(snapshot["step"])
-        path = save_snapshot(self.directory / f"snapshot-{step:09d}.pt", snapshot)
+        path = save_snapshot(self.path(step), snapshot)
         self._files = [f for f in self._files if f[2] != path]
         self._files.append((step, int(snapshot["position"]), path))
         for _, _, old in self._files[: -self.keep]:
             old.unlink(missing_ok=True)
         del self._files[: -self.keep]
 
-    def latest(self, max_position: int | None = None) -> dict[str, Any] | None:
-        """The newest readable snapshot whose data position is ``<= max_position`` (any if None).
+    def latest(
+        self, max_position: int | None = None, *, max_step: int | None = None
+    ) -> dict[str, Any] | None:
+        """The newest readable snapshot whose data position is ``<= max_position`` (any if None)
+        and whose step is ``<= max_step`` (any if None).
 
         Returns ``None`` when there is none.
         """
         if self.directory is None:
             for snap in reversed(self._memory):
+                if max_step is not None and int(snap["step"]) > max_step:
+                    continue
                 if max_position is None or int(snap["position"]) <= max_position:
                     return snap
             return None
-        for _, pos, path in reversed(self._files):
+        for step, pos, path in reversed(self._files):
             if max_position is not None and 0 <= max_position < pos:
+                continue
+            if max_step is not None and step > max_step:
                 continue
             try:
                 snap = load_snapshot(path)
