@@ -12,7 +12,7 @@ NORM_TYPES = [0.5, 1.0, 2.0, 3.0, math.inf]
 EXACT_DTYPES = [torch.float32, torch.float64]
 
 
-def exact(actual: Tensor, expected: Tensor) -> None:
+def assert_exact(actual: Tensor, expected: Tensor) -> None:
     """Bit-for-bit equal (same dtype; NaN where NaN)."""
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
 
@@ -63,14 +63,14 @@ def grads(params: list[nn.Parameter]) -> list[Tensor | None]:
     return [None if p.grad is None else p.grad.clone() for p in params]
 
 
-def same_grads(params: list[nn.Parameter], expected: list[Tensor | None]) -> None:
+def assert_same_grads(params: list[nn.Parameter], expected: list[Tensor | None]) -> None:
     assert len(params) == len(expected)
     for p, e in zip(params, expected):
         if e is None:
             assert p.grad is None
         else:
             assert p.grad is not None
-            exact(p.grad, e)
+            assert_exact(p.grad, e)
 
 
 def torch_can(spec: dict, norm_type: float) -> bool:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 import gradguard as gg
 from gradguard import agc as agc_module
-from tests._grads import exact
+from tests._grads import assert_exact
 
 
 def reference_agc(params: list[Tensor], clip_factor: float, eps: float) -> tuple[list, int]:
@@ -90,7 +90,7 @@ def test_agc_matches_timm_bit_for_bit(seed, foreach):
     timm_adaptive_clip_grad(list(theirs.parameters()), 0.01)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         assert p.grad is not None and q.grad is not None
-        exact(p.grad, q.grad)
+        assert_exact(p.grad, q.grad)
     assert count.dtype == torch.int64 and count.dim() == 0 and count.item() > 0
 
 
@@ -135,7 +135,7 @@ def test_many_small_tensors_span_several_chunks_and_keep_their_values():
     count = gg.agc_(params, 0.5)
     timm_adaptive_clip_grad(twins, 0.5)
     for p, t in zip(params, twins):
-        exact(p.grad, t.grad)  # type: ignore[arg-type]
+        assert_exact(p.grad, t.grad)  # type: ignore[arg-type]
     assert 0 < count.item() <= 10 * n
 
 
@@ -152,21 +152,21 @@ def test_exclude_by_name_module_and_parameter():
     a, b = _twins(3)
     fc_before = (a.fc.weight.grad.clone(), a.fc.bias.grad.clone())  # type: ignore[union-attr]
     gg.agc_(a, 0.01, exclude=["fc"])
-    exact(a.fc.weight.grad, fc_before[0])  # type: ignore[arg-type]
-    exact(a.fc.bias.grad, fc_before[1])  # type: ignore[arg-type]
+    assert_exact(a.fc.weight.grad, fc_before[0])  # type: ignore[arg-type]
+    assert_exact(a.fc.bias.grad, fc_before[1])  # type: ignore[arg-type]
     assert not torch.equal(a.conv.weight.grad, b.conv.weight.grad)  # type: ignore[arg-type]
     timm_adaptive_clip_grad([p for n, p in b.named_parameters() if not n.startswith("fc.")])
     for p, q in zip(a.parameters(), b.parameters()):
-        exact(p.grad, q.grad)  # type: ignore[arg-type]
+        assert_exact(p.grad, q.grad)  # type: ignore[arg-type]
 
     c, _ = _twins(3)
     before = c.conv.weight.grad.clone()  # type: ignore[union-attr]
     gg.agc_(c, 0.01, exclude=[c.conv])
-    exact(c.conv.weight.grad, before)  # type: ignore[arg-type]
+    assert_exact(c.conv.weight.grad, before)  # type: ignore[arg-type]
     d, _ = _twins(3)
     before = d.big.bias.grad.clone()  # type: ignore[union-attr]
     gg.agc_(list(d.parameters()), 0.01, exclude=[d.big.bias])
-    exact(d.big.bias.grad, before)  # type: ignore[arg-type]
+    assert_exact(d.big.bias.grad, before)  # type: ignore[arg-type]
     assert [p is d.big.bias for p in gg.agc_parameters(d, exclude=d.big.bias)].count(True) == 0
     assert len(gg.agc_parameters(d, exclude="fc")) == len(list(d.parameters())) - 2
 
@@ -191,8 +191,8 @@ def test_mixed_dtypes_and_missing_grads():
     ta.grad, tb.grad = a.grad.clone(), b.grad.clone()
     gg.agc_([a, b, c], 0.01)
     timm_adaptive_clip_grad([ta, tb], 0.01)
-    exact(a.grad, ta.grad)
-    exact(b.grad, tb.grad)
+    assert_exact(a.grad, ta.grad)
+    assert_exact(b.grad, tb.grad)
     assert c.grad is None
     assert gg.agc_([c], 0.01).item() == 0
 
@@ -221,5 +221,5 @@ def test_many_biases_of_one_length_take_the_rows_path_and_match_timm():
     count = gg.agc_(ours, 0.05)
     timm_adaptive_clip_grad(theirs, 0.05)
     for p, q in zip(ours, theirs):
-        exact(p.grad, q.grad)  # type: ignore[arg-type]
+        assert_exact(p.grad, q.grad)  # type: ignore[arg-type]
     assert count.item() == expected > 0

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from tests._grads import exact
+from tests._grads import assert_exact
 
 
 def _params() -> list[nn.Parameter]:
@@ -123,7 +123,7 @@ def test_bad_argument_is_named_and_changes_nothing(label, call, exc, words):
         call(params)
     assert words in str(info.value), str(info.value)
     for p, b in zip(params, before):
-        exact(p.grad, b)
+        assert_exact(p.grad, b)
 
 
 def _with(grad: torch.Tensor) -> list[nn.Parameter]:
@@ -165,7 +165,7 @@ def test_bad_gradients_are_refused_before_anything_changes(fn_label, fn, grad_la
         fn(params)
     for p, b in zip(params, before):
         if p.grad is not None and p.grad.device.type == "cpu" and p.grad.layout == torch.strided:
-            exact(p.grad, b)
+            assert_exact(p.grad, b)
 
 
 def test_an_exhausted_generator_is_refused():
@@ -208,7 +208,7 @@ def test_tf_style_functions_refuse_bad_input():
         gg.clip_by_global_norm([t], 1.0, use_norm=torch.ones(2))
     with pytest.raises(TypeError, match="use_norm"):
         gg.clip_by_global_norm([t], 1.0, use_norm="big")
-    exact(t, torch.ones(3))
+    assert_exact(t, torch.ones(3))
 
 
 def test_foreach_true_on_a_device_without_foreach_support_raises_like_torch():

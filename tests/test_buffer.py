@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from tests._grads import exact
+from tests._grads import assert_exact
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -37,8 +37,8 @@ def test_grads_are_views_that_survive_backward():
     for p, q in zip(model.parameters(), twin.parameters()):
         assert p.grad is not None and q.grad is not None
         assert p.grad.data_ptr() >= flat.data_ptr()
-        exact(p.grad, q.grad)
-    exact(grads.flat()[0], torch.cat([q.grad.reshape(-1) for q in twin.parameters()]))
+        assert_exact(p.grad, q.grad)
+    assert_exact(grads.flat()[0], torch.cat([q.grad.reshape(-1) for q in twin.parameters()]))
 
 
 def test_clip_over_the_buffer_equals_the_per_tensor_result():
@@ -70,7 +70,7 @@ def test_reattaches_after_set_to_none_and_replaced_grads():
     first = next(model.parameters())
     first.grad = torch.full_like(first, 2.0)  # replaced by hand
     grads.attach()
-    exact(first.grad, torch.full_like(first, 2.0))
+    assert_exact(first.grad, torch.full_like(first, 2.0))
     assert grads.is_attached()
     grads.zero_grad()
     assert grads.is_attached()
@@ -106,12 +106,12 @@ def test_guarded_modes_on_the_buffer(mode):
         with pytest.raises(RuntimeError, match="non-finite"):
             gg.clip_grad_norm_(grads, 1.0, nonfinite="error")
         for b, b0 in zip(grads.buffers.values(), before):
-            exact(b, b0)
+            assert_exact(b, b0)
         return
     total = gg.clip_grad_norm_(grads, 1.0, nonfinite=mode)
     assert total.isnan()
     for b, b0 in zip(grads.buffers.values(), before):
-        exact(b, b0 if mode == "skip" else torch.zeros_like(b0))
+        assert_exact(b, b0 if mode == "skip" else torch.zeros_like(b0))
 
 
 def test_mixed_dtypes_get_one_buffer_each_and_a_joint_norm():
@@ -141,16 +141,16 @@ def test_state_dict_round_trip_and_bad_state():
     grads.load_state_dict(state)
     assert grads.is_attached()
     for b, s in zip(grads.buffers.values(), saved):
-        exact(b, s)
+        assert_exact(b, s)
     other = gg.ContiguousGrads(_model().parameters())
     other.load_state_dict(grads.state_dict())
     for b, s in zip(other.buffers.values(), saved):
-        exact(b, s)
+        assert_exact(b, s)
     for bad in ({}, {"buffers": []}, {"buffers": [torch.zeros(3)]}, {"buffers": ["x"]}):
         with pytest.raises(ValueError, match="buffers"):
             grads.load_state_dict(bad)
         for b, s in zip(grads.buffers.values(), saved):
-            exact(b, s)
+            assert_exact(b, s)
 
 
 def test_needs_a_parameter_that_requires_grad():

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradguard as gg
-from tests._grads import NORM_TYPES, build, exact, grad_specs, grads, same_grads, torch_can
+from tests._grads import (
+    NORM_TYPES,
+    assert_exact,
+    assert_same_grads,
+    build,
+    grad_specs,
+    grads,
+    torch_can,
+)
 
 FOREACH = st.sampled_from([None, True, False])
 
@@ -28,8 +36,8 @@ def test_clip_grad_norm_is_torch_bit_for_bit(spec, norm_type, max_norm, foreach)
     ours, theirs = build(spec), build(spec)
     expected = nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=foreach)
     total = gg.clip_grad_norm_(ours, max_norm, norm_type, foreach=foreach)
-    exact(total, expected)
-    same_grads(ours, grads(theirs))
+    assert_exact(total, expected)
+    assert_same_grads(ours, grads(theirs))
 
 
 @settings(max_examples=40, deadline=None)
@@ -41,10 +49,10 @@ def test_get_total_norm_and_clip_grads_with_norm_are_torch(spec, norm_type, fore
     o_grads = [p.grad for p in ours if p.grad is not None]
     expected = nn.utils.get_total_norm(t_grads, norm_type, foreach=foreach)
     total = gg.get_total_norm(o_grads, norm_type, foreach=foreach)
-    exact(total, expected)
+    assert_exact(total, expected)
     nn.utils.clip_grads_with_norm_(theirs, 0.5, expected, foreach=foreach)
     gg.clip_grads_with_norm_(ours, 0.5, total, foreach=foreach)
-    same_grads(ours, grads(theirs))
+    assert_same_grads(ours, grads(theirs))
 
 
 @settings(max_examples=40, deadline=None)
@@ -53,7 +61,7 @@ def test_clip_grad_value_is_torch(spec, clip_value, foreach):
     ours, theirs = build(spec), build(spec)
     nn.utils.clip_grad_value_(theirs, clip_value, foreach=foreach)
     gg.clip_grad_value_(ours, clip_value, foreach=foreach)
-    same_grads(ours, grads(theirs))
+    assert_same_grads(ours, grads(theirs))
 
 
 @pytest.mark.parametrize("poison", [math.nan, math.inf])
@@ -73,12 +81,12 @@ def test_error_if_nonfinite_raises_like_torch_and_changes_nothing(poison):
     with pytest.raises(RuntimeError, match="non-finite") as our_err:
         gg.clip_grad_norm_(ours, 1.0, error_if_nonfinite=True)
     assert str(our_err.value) == str(torch_err.value)
-    same_grads(ours, before)
+    assert_same_grads(ours, before)
     with pytest.raises(RuntimeError, match="non-finite"):
         gg.get_total_norm([p.grad for p in ours], error_if_nonfinite=True)
     with pytest.raises(RuntimeError, match="non-finite"):
         gg.clip_grad_norm_(ours, 1.0, nonfinite="error")
-    same_grads(ours, before)
+    assert_same_grads(ours, before)
 
 
 def _poisoned(poison: float) -> list[nn.Parameter]:
@@ -96,7 +104,7 @@ def test_nan_norm_makes_every_gradient_nan_like_torch():
     assert total.isnan()
     for p in ours:
         assert p.grad is not None and p.grad.isnan().all()
-    same_grads(ours, grads(theirs))
+    assert_same_grads(ours, grads(theirs))
 
 
 def test_inf_norm_zeroes_finite_entries_and_turns_inf_into_nan_like_torch():
@@ -108,7 +116,7 @@ def test_inf_norm_zeroes_finite_entries_and_turns_inf_into_nan_like_torch():
     assert a is not None and b is not None
     assert (a == 0).all()
     assert b[0, 0].isnan() and (b.view(-1)[1:] == 0).all()
-    same_grads(ours, grads(theirs))
+    assert_same_grads(ours, grads(theirs))
 
 
 @settings(max_examples=40, deadline=None)
@@ -119,13 +127,13 @@ def test_skip_leaves_gradients_bit_for_bit_when_nonfinite(spec, norm_type, max_n
     before = grads(ours)
     total = gg.clip_grad_norm_(ours, max_norm, norm_type, nonfinite="skip")
     expected = nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
-    exact(total, expected)
+    assert_exact(total, expected)
     flag = ~total.isfinite()
     assert isinstance(flag, torch.Tensor) and flag.dtype == torch.bool and flag.dim() == 0
     if flag:
-        same_grads(ours, before)
+        assert_same_grads(ours, before)
     else:  # a finite step is clipped exactly as torch does
-        same_grads(ours, grads(theirs))
+        assert_same_grads(ours, grads(theirs))
 
 
 @settings(max_examples=40, deadline=None)
@@ -136,11 +144,11 @@ def test_zero_mode_zeroes_every_gradient_when_nonfinite(spec, norm_type, max_nor
     total = gg.clip_grad_norm_(ours, max_norm, norm_type, nonfinite="zero")
     nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
     if total.isfinite():
-        same_grads(ours, grads(theirs))
+        assert_same_grads(ours, grads(theirs))
     else:
         for p in ours:
             if p.grad is not None:
-                exact(p.grad, torch.zeros_like(p.grad))
+                assert_exact(p.grad, torch.zeros_like(p.grad))
 
 
 @pytest.mark.parametrize("mode", ["skip", "zero", "propagate"])
@@ -150,7 +158,7 @@ def test_clip_grads_with_norm_guarded_modes(mode):
     total = gg.get_total_norm([p.grad for p in ours])
     gg.clip_grads_with_norm_(ours, 1.0, total, nonfinite=mode)
     if mode == "skip":
-        same_grads(ours, before)
+        assert_same_grads(ours, before)
     elif mode == "zero":
         for p in ours:
             assert p.grad is not None and (p.grad == 0).all()
@@ -166,22 +174,26 @@ def test_clip_grads_with_norm_guarded_modes(mode):
 def test_clip_coefficient_modes():
     total = torch.tensor([3.0, math.inf, math.nan, 0.5])
     plain = gg.clip_coefficient(1.0, total, "propagate")
-    exact(plain, torch.clamp(1.0 / (total + 1e-6), max=1.0))
-    exact(gg.clip_coefficient(1.0, total, "skip"), torch.tensor([plain[0].item(), 1.0, 1.0, 1.0]))
-    exact(gg.clip_coefficient(1.0, total, "zero"), torch.tensor([plain[0].item(), 0.0, 0.0, 1.0]))
+    assert_exact(plain, torch.clamp(1.0 / (total + 1e-6), max=1.0))
+    assert_exact(
+        gg.clip_coefficient(1.0, total, "skip"), torch.tensor([plain[0].item(), 1.0, 1.0, 1.0])
+    )
+    assert_exact(
+        gg.clip_coefficient(1.0, total, "zero"), torch.tensor([plain[0].item(), 0.0, 0.0, 1.0])
+    )
     # A tensor threshold (an adaptive policy's) works without reading it on the host.
-    exact(gg.clip_coefficient(torch.tensor(1.0), total[:1], "skip"), plain[:1])
+    assert_exact(gg.clip_coefficient(torch.tensor(1.0), total[:1], "skip"), plain[:1])
 
 
 def test_parameters_without_grads_are_skipped_and_empty_input_gives_zero():
     a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
     b.grad = torch.full((2,), 3.0)
     total = gg.clip_grad_norm_([a, b], 1.0)
-    exact(total, nn.utils.get_total_norm([torch.full((2,), 3.0)]))
+    assert_exact(total, nn.utils.get_total_norm([torch.full((2,), 3.0)]))
     assert a.grad is None
     for empty in ([], [nn.Parameter(torch.ones(2))]):
-        exact(gg.clip_grad_norm_(empty, 1.0), nn.utils.clip_grad_norm_(empty, 1.0))
-        exact(gg.get_total_norm([]), nn.utils.get_total_norm([]))
+        assert_exact(gg.clip_grad_norm_(empty, 1.0), nn.utils.clip_grad_norm_(empty, 1.0))
+        assert_exact(gg.get_total_norm([]), nn.utils.get_total_norm([]))
     gg.clip_grads_with_norm_([a], 1.0, torch.tensor(2.0))
     gg.clip_grad_value_([a], 1.0)
     assert a.grad is None
@@ -193,13 +205,15 @@ def test_single_tensor_and_generator_inputs_like_torch():
     x = torch.randn(5, 4)
     model(x).pow(2).sum().backward()
     twin(x).pow(2).sum().backward()
-    exact(
+    assert_exact(
         gg.clip_grad_norm_(model.parameters(), 0.1),
         nn.utils.clip_grad_norm_(twin.parameters(), 0.1),
     )
-    same_grads(list(model.parameters()), grads(list(twin.parameters())))
-    exact(gg.clip_grad_norm_(model.weight, 0.01), nn.utils.clip_grad_norm_(twin.weight, 0.01))
-    same_grads([model.weight], grads([twin.weight]))
+    assert_same_grads(list(model.parameters()), grads(list(twin.parameters())))
+    assert_exact(
+        gg.clip_grad_norm_(model.weight, 0.01), nn.utils.clip_grad_norm_(twin.weight, 0.01)
+    )
+    assert_same_grads([model.weight], grads([twin.weight]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -236,9 +250,9 @@ def test_clip_by_norm_clips_each_gradient_on_its_own(spec, norm_type, max_norm, 
     for g0, g1, n in zip(present, after, norms):
         # The norm of an empty tensor is 0 for every p (torch refuses p=inf there).
         expected_norm = torch.linalg.vector_norm(g0, norm_type if g0.numel() else 2.0)
-        exact(n, expected_norm)
+        assert_exact(n, expected_norm)
         coef = torch.clamp(max_norm / (expected_norm + 1e-6), max=1.0)
-        exact(g1, g0 * coef)
+        assert_exact(g1, g0 * coef)
         assert torch.linalg.vector_norm(g1, 2.0 if g1.numel() == 0 else norm_type) <= (
             max_norm * (1 + 1e-5) + 1e-12
         )
@@ -250,8 +264,8 @@ def test_inf_norm_of_an_empty_gradient_is_zero_where_torch_raises(foreach):
     p.grad, q.grad = torch.zeros(0), torch.tensor([-3.0, 1.0])
     with pytest.raises(RuntimeError):
         nn.utils.get_total_norm([p.grad, q.grad], math.inf, foreach=True)
-    exact(gg.get_total_norm([p.grad, q.grad], math.inf, foreach=foreach), torch.tensor(3.0))
-    exact(gg.clip_grad_norm_([p], 1.0, math.inf, foreach=foreach), torch.tensor(0.0))
+    assert_exact(gg.get_total_norm([p.grad, q.grad], math.inf, foreach=foreach), torch.tensor(3.0))
+    assert_exact(gg.clip_grad_norm_([p], 1.0, math.inf, foreach=foreach), torch.tensor(0.0))
 
 
 def test_a_tensor_threshold_is_used_without_reading_it():
@@ -266,8 +280,8 @@ def test_a_tensor_threshold_is_used_without_reading_it():
     ours, theirs = build(spec), build(spec)
     total = gg.clip_grad_norm_(ours, torch.tensor(0.5))
     expected = nn.utils.clip_grad_norm_(theirs, 0.5)
-    exact(total, expected)
-    same_grads(ours, grads(theirs))
+    assert_exact(total, expected)
+    assert_same_grads(ours, grads(theirs))
     gg.clip_grads_with_norm_(ours, torch.tensor([0.25]), total)
     nn.utils.clip_grads_with_norm_(theirs, 0.25, expected)
-    same_grads(ours, grads(theirs))
+    assert_same_grads(ours, grads(theirs))

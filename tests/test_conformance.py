@@ -70,8 +70,12 @@ def test_policy_no_host_sync(name: str) -> None:
 def test_agc_policy_clip_no_host_sync() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
     model(torch.randn(3, 4)).square().sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
     with C.no_host_sync():
-        AGCPolicy(1e-3).clip_(model)
+        clipped = AGCPolicy(1e-3).clip_(model)
+    # lambda = 1e-3 clips every unit of these random gradients: the call must have acted.
+    assert int(clipped) > 0
+    assert any(not torch.equal(b, p.grad) for b, p in zip(before, model.parameters()))
 
 
 # ----------------------------------------------------------------------------------- detectors

@@ -12,7 +12,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.norms import total_from_norms
-from tests._grads import NORM_TYPES, build, exact, grad_specs, torch_can
+from tests._grads import NORM_TYPES, assert_exact, build, grad_specs, torch_can
 
 
 @settings(max_examples=50, deadline=None)
@@ -27,12 +27,12 @@ def test_grad_norms_match_torch_per_tensor_and_total(spec, norm_type, foreach):
     norms = gg.grad_norms(tensors, norm_type, foreach=foreach)
     assert len(norms.per_tensor) == len(tensors)
     for t, n in zip(tensors, norms.per_tensor):  # input order, even across dtype groups
-        exact(n, torch.linalg.vector_norm(t, norm_type))
-    exact(norms.total, nn.utils.get_total_norm(tensors, norm_type, foreach=foreach))
-    exact(norms.finite, norms.total.isfinite())
+        assert_exact(n, torch.linalg.vector_norm(t, norm_type))
+    assert_exact(norms.total, nn.utils.get_total_norm(tensors, norm_type, foreach=foreach))
+    assert_exact(norms.finite, norms.total.isfinite())
     assert norms.finite.dtype == torch.bool and norms.finite.dim() == 0
     for a, b in zip(gg.tensor_norms(tensors, norm_type, foreach), norms.per_tensor, strict=True):
-        exact(a, b)
+        assert_exact(a, b)
 
 
 def test_finite_flag_is_false_for_nan_inf_and_overflow():
@@ -61,7 +61,7 @@ def test_mixed_dtypes_keep_input_order():
     ]
     assert norms.total.item() == pytest.approx(math.sqrt(25 + 1 + 4 + 100))
     # The same tensor twice counts twice, as in torch.
-    exact(gg.get_total_norm([d, d]), nn.utils.get_total_norm([d, d]))
+    assert_exact(gg.get_total_norm([d, d]), nn.utils.get_total_norm([d, d]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -86,16 +86,16 @@ def test_low_precision_total_is_closer_to_fp64_than_torch(dtype, seed):
 
 
 def test_empty_input_gives_zero_like_torch():
-    exact(gg.get_total_norm([]), nn.utils.get_total_norm([]))
+    assert_exact(gg.get_total_norm([]), nn.utils.get_total_norm([]))
     norms = gg.grad_norms([])
     assert norms.per_tensor == [] and norms.total.item() == 0.0 and norms.finite
-    exact(total_from_norms([], 2.0, torch.device("cpu")), torch.tensor(0.0))
+    assert_exact(total_from_norms([], 2.0, torch.device("cpu")), torch.tensor(0.0))
 
 
 def test_single_tensor_and_string_inf():
     t = torch.tensor([[-7.0, 2.0], [1.0, 0.5]])
-    exact(gg.get_total_norm(t, "inf"), nn.utils.get_total_norm(t, "inf"))
-    exact(gg.grad_norms(t, math.inf).total, torch.tensor(7.0))
+    assert_exact(gg.get_total_norm(t, "inf"), nn.utils.get_total_norm(t, "inf"))
+    assert_exact(gg.grad_norms(t, math.inf).total, torch.tensor(7.0))
 
 
 def test_total_from_norms_combines_like_one_vector():
@@ -114,4 +114,4 @@ def test_measuring_changes_nothing_and_keeps_no_graph():
     assert not norms.total.requires_grad
     before = y.detach().clone()
     gg.grad_norms([y.detach()], 1.0)
-    exact(y.detach(), before)
+    assert_exact(y.detach(), before)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from torch import Tensor
 
 
 class Ticker(Protocol):
@@ -90,3 +93,23 @@ def fmt(x: Any, digits: int = 4) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}g}"
     return str(x)
+
+
+def read_curves(
+    losses: list[Tensor], norms: list[Tensor]
+) -> tuple[list[float], list[float], list[int]]:
+    """Bring a run's per-step loss and gradient-norm tensors to the host in one transfer each.
+
+    Returns:
+        ``(losses, norms, bad)`` as floats, with ``bad`` the steps where either is non-finite.
+    """
+    import torch
+
+    loss_list = torch.stack(losses).tolist()
+    norm_list = torch.stack(norms).tolist()
+    bad = [
+        i
+        for i, (a, b) in enumerate(zip(loss_list, norm_list))
+        if not (math.isfinite(a) and math.isfinite(b))
+    ]
+    return loss_list, norm_list, bad

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from gradguard.agc import agc_
 from gradguard.clip import clip_by_norm_, clip_grad_norm_, clip_grad_value_
 from gradguard.lab._plot import figure
-from gradguard.lab._result import LabResult, NullTicker, Ticker, fmt
+from gradguard.lab._result import LabResult, NullTicker, Ticker, fmt, read_curves
 from gradguard.lab.data import regression
 from gradguard.lab.models import deep_mlp
 from gradguard.norms import grad_norms
@@ -115,13 +115,7 @@ def train(remedy: Remedy, *, steps: int, seed: int) -> Run:
         losses.append(loss.detach())
         if step % 25 == 24 and not bool(torch.stack(losses[-25:]).isfinite().all()):
             break
-    loss_list = torch.stack(losses).tolist()
-    norm_list = torch.stack(norms).tolist()
-    bad = [
-        i
-        for i, (a, b) in enumerate(zip(loss_list, norm_list))
-        if not (math.isfinite(a) and math.isfinite(b))
-    ]
+    loss_list, norm_list, bad = read_curves(losses, norms)
     model.eval()
     with torch.no_grad():
         final = float(nn.functional.mse_loss(model(x), y))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from gradguard.clip import clip_grad_norm_
 from gradguard.lab._plot import figure
-from gradguard.lab._result import LabResult, NullTicker, Ticker, fmt
+from gradguard.lab._result import LabResult, NullTicker, Ticker, fmt, read_curves
 from gradguard.lab.data import adding_problem
 from gradguard.lab.models import TanhRNN
 from gradguard.norms import grad_norms
@@ -76,13 +76,7 @@ def train(*, length: int, clip: bool, steps: int, seed: int) -> RNNRun:
         losses.append(loss.detach())
         if step % 100 == 99 and not bool(torch.stack(losses[-100:]).isfinite().all()):
             break
-    loss_list = torch.stack(losses).tolist()
-    norm_list = torch.stack(norms).tolist()
-    bad = [
-        i
-        for i, (a, b) in enumerate(zip(loss_list, norm_list))
-        if not (math.isfinite(a) and math.isfinite(b))
-    ]
+    loss_list, norm_list, bad = read_curves(losses, norms)
     x, y = adding_problem(1000, length, torch.Generator().manual_seed(123_456))
     with torch.no_grad():
         test = float(nn.functional.mse_loss(model(x), y))
