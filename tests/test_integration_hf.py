@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from gradguard.integrations.transformers import GuardCallback, GuardedTrainer
+from tests._state import state_diff, states_equal
 
 STEPS = 8
 
@@ -89,30 +90,6 @@ def args(out: Path, **kw: Any) -> TrainingArguments:
     return TrainingArguments(**opts)
 
 
-def _diff(a: Any, b: Any, path: str = "") -> str | None:
-    """Where two nested states differ (``None``: equal; NaN equals NaN)."""
-    if isinstance(a, torch.Tensor):
-        same = isinstance(b, torch.Tensor) and a.shape == b.shape
-        if same and torch.equal(a.isnan(), b.isnan()):
-            return None if torch.equal(a.nan_to_num(), b.nan_to_num()) else path
-        return path
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or a.keys() != b.keys():
-            return f"{path} keys"
-        return next((d for k in a if (d := _diff(a[k], b[k], f"{path}.{k}"))), None)
-    if isinstance(a, list | tuple):
-        if not isinstance(b, list | tuple) or len(a) != len(b):
-            return f"{path} length"
-        return next((d for i, x in enumerate(a) if (d := _diff(x, b[i], f"{path}[{i}]"))), None)
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
-        return None if math.isnan(b) else path
-    return None if a == b else f"{path}: {a!r} != {b!r}"
-
-
-def _tensors_equal(a: Any, b: Any) -> bool:
-    return _diff(a, b) is None
-
-
 class StepWatch(TrainerCallback):
     """Copies model, optimizer and scheduler state around chosen optimizer steps."""
 
@@ -149,13 +126,13 @@ class StopAt(TrainerCallback):
 
 
 def _check_run(trainer: Trainer, watch: StepWatch) -> None:
-    assert _diff(watch.before[POISON], watch.after[POISON]) is None, _diff(
+    assert state_diff(watch.before[POISON], watch.after[POISON]) is None, state_diff(
         watch.before[POISON], watch.after[POISON]
     )
     w0, o0, s0 = watch.before[POISON - 1]
     w1, o1, s1 = watch.after[POISON - 1]
-    assert not _tensors_equal(w0, w1)
-    assert not _tensors_equal(o0, o1)
+    assert not states_equal(w0, w1)
+    assert not states_equal(o0, o1)
     assert s0 != s1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     logs = [r for r in trainer.state.log_history if "loss" in r]
@@ -228,8 +205,8 @@ def test_resume_mid_run_restores_guard_state(tmp_path: Path) -> None:
 
     resumed = GuardedTrainer(model=tiny_model(), args=args(out), train_dataset=Embeds())
     resumed.train(resume_from_checkpoint=str(ckpt))
-    assert _tensors_equal(resumed.model.state_dict(), ref.model.state_dict())
-    assert _tensors_equal(resumed.guard.state_dict(), ref.guard.state_dict())
+    assert states_equal(resumed.model.state_dict(), ref.model.state_dict())
+    assert states_equal(resumed.guard.state_dict(), ref.guard.state_dict())
 
 
 def test_hf_clipping_is_refused_with_advice(tmp_path: Path) -> None:
@@ -286,7 +263,7 @@ def test_plain_callback_resumes_from_output_dir(tmp_path: Path) -> None:
     saved = torch.load(out / f"checkpoint-{POISON + 2}" / "gradguard.pt", weights_only=True)
     waiting = GuardCallback()
     waiting.load_state_dict(saved)  # before training: the state waits, unchanged
-    assert _diff(waiting.state_dict(), saved) is None
+    assert state_diff(waiting.state_dict(), saved) is None
     cb = GuardCallback()
     Trainer(model=tiny_model(), args=args(out), train_dataset=Embeds(), callbacks=[cb]).train(
         resume_from_checkpoint=True

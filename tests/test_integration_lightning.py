@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from gradguard.integrations.lightning import GuardCallback
+from tests._state import state_diff, states_equal
 
 # Lightning 2.6 builds a LeafSpec on every fit; typing_extensions flags that as deprecated.
 pytestmark = pytest.mark.filterwarnings(
@@ -72,30 +73,6 @@ def trainer(tmp_path: Path, callbacks: list[Callback], **kw: Any) -> pl.Trainer:
     return pl.Trainer(callbacks=callbacks, **opts)
 
 
-def _diff(a: Any, b: Any, path: str = "") -> str | None:
-    """Where two nested states differ (``None``: equal; NaN equals NaN)."""
-    if isinstance(a, torch.Tensor):
-        same = isinstance(b, torch.Tensor) and a.shape == b.shape
-        if same and torch.equal(a.isnan(), b.isnan()):
-            return None if torch.equal(a.nan_to_num(), b.nan_to_num()) else path
-        return path
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or a.keys() != b.keys():
-            return f"{path} keys"
-        return next((d for k in a if (d := _diff(a[k], b[k], f"{path}.{k}"))), None)
-    if isinstance(a, list | tuple):
-        if not isinstance(b, list | tuple) or len(a) != len(b):
-            return f"{path} length"
-        return next((d for i, x in enumerate(a) if (d := _diff(x, b[i], f"{path}[{i}]"))), None)
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
-        return None if math.isnan(b) else path
-    return None if a == b else f"{path}: {a!r} != {b!r}"
-
-
-def _tensors_equal(a: Any, b: Any) -> bool:
-    return _diff(a, b) is None
-
-
 class StepWatch(Callback):
     """Copies model, optimizer and scheduler state around chosen batches, to compare later."""
 
@@ -132,12 +109,12 @@ def _metrics(tmp_path: Path) -> list[dict[str, str]]:
 
 def _assert_skip_and_finish(tmp_path: Path, module: TinyModule, watch: StepWatch) -> None:
     # the poisoned step changed nothing: weights, Adam moments and step counts, the LR schedule
-    assert _tensors_equal(watch.before[POISON], watch.after[POISON])
+    assert states_equal(watch.before[POISON], watch.after[POISON])
     # a normal step did change all three (so the comparison above can fail)
     w0, o0, s0 = watch.before[POISON - 1]
     w1, o1, s1 = watch.after[POISON - 1]
-    assert not _tensors_equal(w0, w1)
-    assert not _tensors_equal(o0, o1)
+    assert not states_equal(w0, w1)
+    assert not states_equal(o0, o1)
     assert s0 != s1
     assert all(torch.isfinite(p).all() for p in module.parameters())
     rows = _metrics(tmp_path)
@@ -201,8 +178,8 @@ def test_resume_mid_run_restores_guard_state(tmp_path: Path) -> None:
     )
     w_ref, g_ref = _final(tmp_path, ref_cb, ref_mod)
     w, g = _final(tmp_path, cb, module)
-    assert _tensors_equal(w, w_ref)
-    assert _diff(g, g_ref) is None, _diff(g, g_ref)
+    assert states_equal(w, w_ref)
+    assert state_diff(g, g_ref) is None, state_diff(g, g_ref)
     skips = [r["step"] for r in cb.guard.records if r["kind"] == "action" and r["action"] == "skip"]
     assert skips[-1] == SKIPPED[-1]
 
@@ -214,7 +191,7 @@ def test_callback_state_round_trips_before_and_after_fit(tmp_path: Path) -> None
     fresh = GuardCallback()
     fresh.load_state_dict(copy.deepcopy(state))
     # before fit there is no guard yet: the state waits and comes back unchanged
-    assert _tensors_equal(fresh.state_dict(), state)
+    assert states_equal(fresh.state_dict(), state)
 
 
 def _code_block(doc: str, name: str) -> str:
