@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint typecheck pytest bench install install-dev clean
+.PHONY: demo test lint typecheck pytest bench fuzz install install-dev clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,13 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
+# Hypothesis is derandomized here (profile "ci" in tests/conftest.py): the same examples every run.
 pytest: $(VENV)/.dev
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 -p no:cacheprovider tests
+
+# Wide, random fuzzing of every hypothesis test (profile "fuzz"): for finding bugs, not for CI.
+fuzz: $(VENV)/.dev
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -n 2 -p no:cacheprovider $$(grep -l hypothesis tests/test_*.py)
 
 test: browser lint typecheck pytest
 

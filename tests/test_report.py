@@ -102,7 +102,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("run")
     synthetic, guarded = folder / "run.jsonl", folder / "guarded.jsonl"
     cmd = [sys.executable, "-c", WRITER, str(synthetic), str(guarded)]
-    subprocess.run(cmd, check=True, timeout=180)
+    subprocess.run(cmd, check=True, timeout=1200)  # hang guard only
     return synthetic, guarded
 
 
@@ -318,7 +318,7 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
         for domain in ("Runtime", "Log", "Page"):
             chrome.send(f"{domain}.enable", sid)
         chrome.send("Page.navigate", sid, url=report.as_uri())
-        chrome.wait_event("Page.loadEventFired", timeout=60)
+        chrome.wait_event("Page.loadEventFired", timeout=300)
         probe = (
             "JSON.stringify({imgs: [...document.images].map(i => [i.complete, i.naturalWidth]),"
             " scripts: document.scripts.length, text: document.body.innerText,"
