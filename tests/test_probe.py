@@ -127,6 +127,32 @@ def test_nonfinite_data_is_reported_with_nonfinite_inputs() -> None:
     assert trace.forward.tensor.inf and trace.forward.previous is None
 
 
+def test_the_tracer_works_without_a_probe_and_the_probe_reexports_its_names() -> None:
+    # The non-finite trace is its own module; the probe only switches it on and records.
+    import gradguard
+    from gradguard import probe as probe_mod
+    from gradguard import trace
+
+    for name in ("NonFiniteOrigin", "NonFiniteTrace", "TensorState"):
+        assert getattr(probe_mod, name) is getattr(trace, name)
+    assert gradguard.NonFiniteOrigin is trace.NonFiniteOrigin
+    model = mlp(SqrtAtZero())
+    tracer = trace.NonFiniteTracer([(n or "(root)", m) for n, m in model.named_modules()])
+    tracer.attach()
+    assert tracer.attached
+    model(torch.randn(4, 3)).pow(2).mean().backward()
+    found = tracer.resolve(step=7)
+    assert [f.event for f in found] == ["nonfinite_backward"]  # forward stayed finite
+    assert (found[0].module, found[0].where, found[0].step) == ("blocks.mid", "grad_input", 7)
+    assert tracer.resolve(step=8) == []  # resolving forgets the step
+    tracer.detach()
+    assert not tracer.attached
+    model(torch.randn(4, 3)).pow(2).mean().backward()
+    assert tracer.resolve(step=9) == []  # detached: nothing recorded
+    labels = [lb for lb, _ in trace.float_tensors((torch.ones(2), {"m": torch.ones(1)}), "in")]
+    assert labels == ["in[0]", "in[1].m"]
+
+
 def test_backward_nan_from_a_tensor_hook_names_the_layer_and_step() -> None:
     torch.manual_seed(0)
     model = mlp(Scale(6, at=5))

@@ -10,16 +10,15 @@ on the device; one ``kind="probe"``, ``event="layers"`` row per gathered step go
 :class:`~gradguard.records.Recorder`, which reads the numbers back only when it flushes. On the
 other steps no hook is installed at all, so an off step costs exactly a plain step.
 
-*Trace* (``with probe.trace_nonfinite():`` or ``Probe(..., trace=True)``): every module's forward
-output and inputs, every gradient flowing into a module's output or out of its inputs, and every
-parameter gradient is checked for NaN/inf, in execution order. The first module whose forward
-output is non-finite is reported with the state of its inputs (finite or not, NaN/inf counts,
-RMS and max-abs of the finite entries), and the first module whose gradient went non-finite in
-backward execution order is reported with its incoming gradient's state. Findings are
-:class:`NonFiniteOrigin` dataclasses, and ``kind="probe"`` rows with
-``event="nonfinite_forward"`` / ``"nonfinite_backward"`` in the same records stream. Trace
-mode reads its flags back once per traced step (one host transfer when the step is resolved),
-and costs a few reductions per tensor: use it on demand, e.g. when re-running a bad step.
+*Trace* (``with probe.trace_nonfinite():`` or ``Probe(..., trace=True)``): the probe switches on
+a :class:`gradguard.trace.NonFiniteTracer`, which checks every module's inputs, outputs and
+gradients for NaN/inf and names the first module whose forward output, and the first whose
+gradient, went non-finite (:class:`NonFiniteOrigin`, re-exported here from
+:mod:`gradguard.trace`). The probe keeps the findings (``probe.findings``) and writes them as
+``kind="probe"`` rows with ``event="nonfinite_forward"`` / ``"nonfinite_backward"`` in the same
+records stream. Trace mode reads its flags back once per traced step (one host transfer when the
+step is resolved), and costs a few reductions per tensor: use it on demand, e.g. when re-running
+a bad step.
 
 Example:
     >>> probe = Probe(model, every=10, recorder=rec)
@@ -34,11 +33,10 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from typing import Any
 
@@ -47,222 +45,17 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradguard.records import Recorder, Row
+from gradguard.trace import NonFiniteOrigin as NonFiniteOrigin
+from gradguard.trace import NonFiniteTrace as NonFiniteTrace
+from gradguard.trace import NonFiniteTracer, float_tensors
+from gradguard.trace import TensorState as TensorState
 
 __all__ = ["NonFiniteOrigin", "NonFiniteTrace", "Probe", "TensorState"]
 
 ROOT = "(root)"
 _F32 = torch.float32
-_TOKENS = itertools.count(1)
-_TOKEN_ATTR = "_gradguard_probe_token"
 
 ModuleFilter = Iterable[str] | Iterable[type] | Callable[[str, nn.Module], bool] | None
-
-
-@dataclass(frozen=True)
-class TensorState:
-    """The numeric state of one tensor, as the trace saw it.
-
-    Attributes:
-        label: which tensor, e.g. ``"output"``, ``"input[0]"``, ``"kw.mask"``, ``"weight"``.
-        finite: no NaN and no inf.
-        nan: some entry is NaN.
-        inf: some entry is +-inf and none is NaN (a NaN hides infinities: the trace reads one
-            min/max pair per tensor, the cheapest pass that sees both).
-        numel: number of entries.
-        maxabs, rms: max-abs and root-mean-square of the entries (exact for a finite tensor;
-            NaN or inf otherwise).
-    """
-
-    label: str
-    finite: bool
-    nan: bool
-    inf: bool
-    numel: int
-    maxabs: float
-    rms: float
-
-
-@dataclass(frozen=True)
-class NonFiniteOrigin:
-    """Where a non-finite value first appeared in one step.
-
-    Attributes:
-        event: ``"nonfinite_forward"`` or ``"nonfinite_backward"``.
-        step: the probe's step index.
-        module: qualified module name (``"(root)"`` for the model itself).
-        where: ``"output"`` (forward), or in backward ``"grad_output"`` (the gradient arriving at
-            the module's output), ``"grad_input"`` (the gradient the module's backward produced
-            for its input) or ``"param_grad"`` (one of its parameters' gradient).
-        call: which call of the module in the step (0 for the first; > 0 for shared modules and
-            recurrent cells).
-        tensor: the first non-finite tensor.
-        inputs: forward: the module's inputs; backward: the gradient that arrived at the
-            module's output (empty when it was never seen).
-        previous: the last module before it, in execution order, whose tensors were all finite.
-
-    ``inputs_finite`` False in a forward finding means the module received non-finite input:
-    the value went bad before it (in the data, or in code between ``previous`` and it that is
-    not a module). In a backward finding ``inputs_finite`` True means the module's own backward
-    (or a hook on it) produced the first non-finite gradient.
-    """
-
-    event: str
-    step: int
-    module: str
-    where: str
-    call: int
-    tensor: TensorState
-    inputs: tuple[TensorState, ...] = ()
-    previous: str | None = None
-
-    @property
-    def inputs_finite(self) -> bool | None:
-        return all(s.finite for s in self.inputs) if self.inputs else None
-
-    def describe(self) -> str:
-        """One plain sentence, for logs and reports."""
-        what = "forward output" if self.where == "output" else self.where.replace("_", " ")
-        bad = f"{'NaN' if self.tensor.nan else 'inf'} in {self.tensor.numel} values"
-        head = f"step {self.step}: first non-finite {what} in '{self.module}' ({bad})"
-        if self.inputs_finite is None:
-            return head
-        side = "inputs were" if self.event == "nonfinite_forward" else "incoming gradient was"
-        state = "finite" if self.inputs_finite else "already non-finite"
-        return f"{head}; its {side} {state}"
-
-    def to_row(self) -> Row:
-        """The ``kind="probe"`` record (flat, plus one dict of input numbers)."""
-        t = self.tensor
-        row: Row = {
-            "event": self.event,
-            "module": self.module,
-            "where": self.where,
-            "call": self.call,
-            "tensor": t.label,
-            "nan": t.nan,
-            "inf": t.inf,
-            "numel": t.numel,
-            "maxabs": t.maxabs,
-            "rms": t.rms,
-            "inputs_finite": self.inputs_finite,
-            "previous": self.previous,
-            "message": self.describe(),
-        }
-        if self.inputs:
-            row["inputs"] = {
-                f"{s.label}/{k}": getattr(s, k)
-                for s in self.inputs
-                for k in ("finite", "maxabs", "rms")
-            }
-        return row
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NonFiniteOrigin:
-        """Inverse of :func:`dataclasses.asdict` (used by ``Probe.load_state_dict``)."""
-        return cls(
-            event=d["event"],
-            step=int(d["step"]),
-            module=d["module"],
-            where=d["where"],
-            call=int(d["call"]),
-            tensor=TensorState(**d["tensor"]),
-            inputs=tuple(TensorState(**s) for s in d["inputs"]),
-            previous=d["previous"],
-        )
-
-
-@dataclass
-class NonFiniteTrace:
-    """What ``Probe.trace_nonfinite()`` yields; ``findings`` is filled when steps resolve."""
-
-    findings: list[NonFiniteOrigin] = field(default_factory=list)
-
-    @property
-    def forward(self) -> NonFiniteOrigin | None:
-        return next((f for f in self.findings if f.event == "nonfinite_forward"), None)
-
-    @property
-    def backward(self) -> NonFiniteOrigin | None:
-        return next((f for f in self.findings if f.event == "nonfinite_backward"), None)
-
-
-def _float_tensors(obj: Any, label: str, out: list[tuple[str, Tensor]]) -> None:
-    """Floating tensors nested in ``obj`` (tensors, tuples, lists, dicts), with labels."""
-    if isinstance(obj, Tensor):
-        if obj.is_floating_point() and obj.numel() > 0:
-            out.append((label, obj))
-    elif isinstance(obj, (tuple, list)):
-        for i, x in enumerate(obj):
-            _float_tensors(x, f"{label}[{i}]" if label else f"[{i}]", out)
-    elif isinstance(obj, dict):
-        for k, x in obj.items():
-            _float_tensors(x, f"{label}.{k}" if label else str(k), out)
-
-
-def _first_float(obj: Any) -> Tensor | None:
-    found: list[tuple[str, Tensor]] = []
-    _float_tensors(obj, "", found)
-    return found[0][1] if found else None
-
-
-_Vec = tuple[Tensor, Tensor, Tensor]
-
-
-def _state_vector(t: Tensor) -> _Vec:
-    """(min, max, 2-norm) of ``t`` as 0-dim device tensors, stacked only when resolved.
-
-    Two reading passes: min/max propagate NaN and show +-inf, so they alone say whether the
-    tensor is finite. Counting NaNs (isnan().sum()) costs several times more on CPU, and the
-    trace runs this on every module's inputs, outputs and gradients.
-    """
-    a = t.detach()
-    lo, hi = torch.aminmax(a)
-    return lo, hi, torch.linalg.vector_norm(a, dtype=_F32)
-
-
-def _state(label: str, numel: int, v: list[float]) -> TensorState:
-    lo, hi, norm = v
-    nan = math.isnan(lo) or math.isnan(hi)
-    inf = not nan and (math.isinf(lo) or math.isinf(hi))
-    maxabs = math.nan if nan else max(abs(lo), abs(hi))
-    rms = norm / math.sqrt(numel)
-    return TensorState(label, not (nan or inf), nan, inf, numel, maxabs, rms)
-
-
-def _token(t: Tensor) -> int:
-    """A stable identity for a tensor object while it flows from one module to the next.
-
-    ``id()`` is reused once an activation's Python object is freed, so two unrelated tensors
-    could look alike; a counter stored on the object cannot.
-    """
-    tok = getattr(t, _TOKEN_ATTR, None)
-    if tok is None:
-        tok = next(_TOKENS)
-        try:
-            setattr(t, _TOKEN_ATTR, tok)
-        except (AttributeError, TypeError):
-            return id(t)
-    return int(tok)
-
-
-@dataclass
-class _BwdEvent:
-    module: str
-    call: int
-    where: str
-    label: str
-    numel: int
-    vec: _Vec
-    token: int | None
-    foreign: bool = False
-
-
-@dataclass
-class _FwdEvent:
-    module: str
-    call: int
-    outputs: list[tuple[str, int, _Vec]]
-    inputs: list[tuple[str, int, _Vec]]
 
 
 class Probe:
@@ -326,9 +119,9 @@ class Probe:
         self._step = start_step
         self._closed = False
         # bumped on every detach, so hooks still attached to live tensors go quiet
-        self._gen = {"gather": 0, "trace": 0}
+        self._gen = 0
         self._gather_handles: list[RemovableHandle] = []
-        self._trace_handles: list[RemovableHandle] = []
+        self._tracer = NonFiniteTracer(named)
         self._traces: list[NonFiniteTrace] = []
         self._owners: dict[str, list[int]] = {}  # layer name -> ids of its own parameters
         self._reset_step_buffers()
@@ -420,8 +213,8 @@ class Probe:
 
     def close(self) -> None:
         """Remove every hook; the probe can no longer be used. Pending rows stay queued."""
-        self._detach(self._gather_handles, "gather")
-        self._detach(self._trace_handles, "trace")
+        self._detach_gather()
+        self._tracer.detach()
         self._closed = True
 
     def __enter__(self) -> Probe:
@@ -464,11 +257,11 @@ class Probe:
         if self._closed:
             raise RuntimeError("this Probe is closed; create a new one")
 
-    def _detach(self, handles: list[RemovableHandle], kind: str) -> None:
-        for h in handles:
+    def _detach_gather(self) -> None:
+        for h in self._gather_handles:
             h.remove()
-        handles.clear()
-        self._gen[kind] += 1
+        self._gather_handles.clear()
+        self._gen += 1
 
     def _sync_hooks(self) -> None:
         """Install gather hooks only on gathered steps and trace hooks only while tracing."""
@@ -477,14 +270,14 @@ class Probe:
         if self.active and not self._gather_handles:
             self._attach_gather()
         elif not self.active and self._gather_handles:
-            self._detach(self._gather_handles, "gather")
-        if self.tracing and not self._trace_handles:
-            self._attach_trace()
-        elif not self.tracing and self._trace_handles:
-            self._detach(self._trace_handles, "trace")
+            self._detach_gather()
+        if self.tracing:
+            self._tracer.attach()
+        else:
+            self._tracer.detach()
 
     def _attach_gather(self) -> None:
-        gen = self._gen["gather"]
+        gen = self._gen
         seen: set[int] = set()
         for name, module in self._selected:
             self._gather_handles.append(
@@ -503,40 +296,23 @@ class Probe:
             for name, m in self._selected
         }
 
-    def _attach_trace(self) -> None:
-        gen = self._gen["trace"]
-        seen: set[int] = set()
-        for name, module in self._all:
-            self._trace_handles.append(
-                module.register_forward_hook(
-                    partial(self._trace_forward, gen, name), with_kwargs=True
-                )
-            )
-            for pname, p in module.named_parameters(recurse=False):
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    hook = partial(self._trace_param, gen, name, pname)
-                    self._trace_handles.append(p.register_post_accumulate_grad_hook(hook))
-
     def _reset_step_buffers(self) -> None:
         self._act: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
         self._count: dict[str, int] = {}
         self._out_norm: dict[str, list[Tensor]] = {}
         self._pnorm: dict[int, Tensor] = {}
         self._gathered = False
-        self._fwd: list[_FwdEvent] = []
-        self._bwd: list[_BwdEvent] = []
-        self._calls: dict[str, int] = {}
-        self._ours: dict[int, int] = {}
+        self._tracer.reset()
 
     # -- gather -----------------------------------------------------------------------------
 
     def _gather_forward(self, gen: int, name: str, module: nn.Module, args: Any, out: Any) -> None:
-        if gen != self._gen["gather"] or not torch.is_grad_enabled():
+        if gen != self._gen or not torch.is_grad_enabled():
             return
-        x = _first_float(out)
-        if x is None:
+        found = float_tensors(out)
+        if not found:
             return
+        x = found[0][1]
         a = x.detach()
         # Raw reductions only, combined at emit time. Live entries (|a| > eps) are counted as
         # sum(|sign(hardshrink(a))|): four vectorised passes, ten times faster on CPU than
@@ -551,17 +327,16 @@ class Probe:
         if x.requires_grad:
             x.register_hook(partial(self._gather_out_grad, gen, name))
             if self.tracing:  # the trace must not take this hook for a foreign one
-                tok = _token(x)
-                self._ours[tok] = self._ours.get(tok, 0) + 1
+                self._tracer.claim(x)
 
     def _gather_out_grad(self, gen: int, name: str, grad: Tensor) -> None:
-        if gen == self._gen["gather"]:
+        if gen == self._gen:
             norm = torch.linalg.vector_norm(grad.detach(), dtype=_F32)
             self._out_norm.setdefault(name, []).append(norm)
 
     def _gather_param(self, gen: int, key: int, p: Tensor) -> None:
         # post-accumulate: .grad is the accumulated gradient, so the last call wins
-        if gen == self._gen["gather"] and p.grad is not None:
+        if gen == self._gen and p.grad is not None:
             self._pnorm[key] = torch.linalg.vector_norm(p.grad.detach(), dtype=_F32)
             self._gathered = True
 
@@ -605,159 +380,15 @@ class Probe:
 
     # -- trace ------------------------------------------------------------------------------
 
-    def _next_call(self, name: str) -> int:
-        call = self._calls.get(name, 0)
-        self._calls[name] = call + 1
-        return call
-
-    def _trace_forward(
-        self, gen: int, name: str, module: nn.Module, args: Any, kwargs: Any, out: Any
-    ) -> None:
-        if gen != self._gen["trace"]:
-            return
-        call = self._next_call(name)
-        outs: list[tuple[str, Tensor]] = []
-        ins: list[tuple[str, Tensor]] = []
-        _float_tensors(out, "output", outs)
-        _float_tensors(args, "input", ins)
-        _float_tensors(kwargs, "kw", ins)
-        self._fwd.append(
-            _FwdEvent(
-                name,
-                call,
-                [(lb, t.numel(), _state_vector(t)) for lb, t in outs],
-                [(lb, t.numel(), _state_vector(t)) for lb, t in ins],
-            )
-        )
-        if not torch.is_grad_enabled():
-            return
-        for where, tensors in (("grad_output", outs), ("grad_input", ins)):
-            for lb, t in tensors:
-                if t.requires_grad:
-                    tok = _token(t)
-                    # Hooks registered on this tensor by someone else before ours run first
-                    # and may have changed the gradient (e.g. one set up inside the module's
-                    # forward): remember that, to tell "injected here" from "arrived so".
-                    ours = self._ours.get(tok, 0)
-                    foreign = len(getattr(t, "_backward_hooks", None) or {}) > ours
-                    self._ours[tok] = ours + 1
-                    hook = partial(
-                        self._trace_grad, gen, name, call, where, "grad_" + lb, tok, foreign
-                    )
-                    t.register_hook(hook)
-
-    def _trace_grad(
-        self,
-        gen: int,
-        name: str,
-        call: int,
-        where: str,
-        label: str,
-        tok: int,
-        foreign: bool,
-        grad: Tensor,
-    ) -> None:
-        if gen == self._gen["trace"] and grad.numel() > 0:
-            vec = _state_vector(grad)
-            self._bwd.append(_BwdEvent(name, call, where, label, grad.numel(), vec, tok, foreign))
-
-    def _trace_param(self, gen: int, name: str, pname: str, p: Tensor) -> None:
-        if gen == self._gen["trace"] and p.grad is not None and p.grad.numel() > 0:
-            call = max(self._calls.get(name, 1) - 1, 0)
-            self._bwd.append(
-                _BwdEvent(
-                    name, call, "param_grad", pname, p.grad.numel(), _state_vector(p.grad), None
-                )
-            )
-
     def _resolve_trace(self) -> list[NonFiniteOrigin]:
-        """Read every trace vector back in one transfer and name the first non-finite ones."""
-        fwd, bwd = self._fwd, self._bwd
-        self._fwd, self._bwd, self._calls, self._ours = [], [], {}, {}
-        vecs = [v for e in fwd for _, _, v in (*e.outputs, *e.inputs)] + [e.vec for e in bwd]
-        if not vecs:
-            return []
-        # one stack and one device-to-host copy for the whole step (float(): bf16 min/max)
-        flat = torch.stack([x.float() for v in vecs for x in v]).cpu().tolist()
-        host = [flat[i : i + 3] for i in range(0, len(flat), 3)]
-        it = iter(host)
-        fwd_states = [
-            (
-                [_state(lb, n, next(it)) for lb, n, _ in e.outputs],
-                [_state(lb, n, next(it)) for lb, n, _ in e.inputs],
-            )
-            for e in fwd
-        ]
-        bwd_states = [_state(e.label, e.numel, next(it)) for e in bwd]
-        found: list[NonFiniteOrigin] = []
-        f = self._first_forward(fwd, fwd_states)
-        if f is not None:
-            found.append(f)
-        b = self._first_backward(bwd, bwd_states)
-        if b is not None:
-            found.append(b)
+        """Resolve the step's trace (one host read) and record what it found."""
+        found = self._tracer.resolve(self._step)
         for origin in found:
             self.findings.append(origin)
             for trace in self._traces:
                 trace.findings.append(origin)
             self.recorder.event(self._step, "probe", **origin.to_row())
         return found
-
-    def _first_forward(
-        self, fwd: list[_FwdEvent], states: list[tuple[list[TensorState], list[TensorState]]]
-    ) -> NonFiniteOrigin | None:
-        previous = None
-        for e, (outs, ins) in zip(fwd, states):
-            bad = next((s for s in outs if not s.finite), None)
-            if bad is not None:
-                return NonFiniteOrigin(
-                    "nonfinite_forward", self._step, e.module, "output", e.call, bad,
-                    tuple(ins), previous,
-                )  # fmt: skip
-            previous = e.module
-        return None
-
-    def _first_backward(
-        self, bwd: list[_BwdEvent], states: list[TensorState]
-    ) -> NonFiniteOrigin | None:
-        first = next((i for i, s in enumerate(states) if not s.finite), None)
-        if first is None:
-            return None
-        pick = first
-        e = bwd[first]
-        # Hooks on one tensor fire back to back. When the gradient was already non-finite at
-        # the first of them, the consumer's backward produced it (sqrt or log at 0, a custom
-        # Function): blame the consumer (its grad_input), not the producer whose output the
-        # tensor also is, unless a foreign hook ran before ours on that tensor and may have
-        # injected it.
-        if e.token is not None and not e.foreign:
-            group = [first]
-            j = first - 1
-            while j >= 0 and bwd[j].token == e.token:
-                group.insert(0, j)
-                j -= 1
-            j = first + 1
-            while j < len(bwd) and bwd[j].token == e.token:
-                group.append(j)
-                j += 1
-            if group[0] == first:
-                pick = next((k for k in group if bwd[k].where == "grad_input"), first)
-        chosen = bwd[pick]
-        incoming = tuple(
-            states[k]
-            for k in range(pick)
-            if bwd[k].module == chosen.module
-            and bwd[k].call == chosen.call
-            and bwd[k].where == "grad_output"
-        )
-        previous = next(
-            (bwd[k].module for k in range(first - 1, -1, -1) if bwd[k].module != chosen.module),
-            None,
-        )
-        return NonFiniteOrigin(
-            "nonfinite_backward", self._step, chosen.module, chosen.where, chosen.call,
-            states[pick], incoming, previous,
-        )  # fmt: skip
 
 
 def _check_every(every: Any) -> None:
