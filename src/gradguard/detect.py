@@ -9,6 +9,12 @@ of "normal".
 Nothing on the per-step path reads a value back to the host: the guard decides with
 ``torch.where`` and reads numbers only when it flushes its records. (Helpers meant for reports,
 such as :meth:`VanishingDetector.vanishing_layers`, and ``load_state_dict`` checks do read.)
+
+Each detector declares what the guard does when it flags (:attr:`Detector.default_response`)
+and keeps its state in the same pattern as the clipping policies
+(:class:`gradguard._state.Stateful`): config by name, named state tensors under ``"state"``,
+created lazily on the signals' device, and a ``load_state_dict`` that validates everything on a
+throwaway instance first, so bad input changes nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import _validate
-from gradguard._foreach import group_by_device_dtype, use_foreach
+from gradguard._state import Spec, Stateful, as_bool, as_int, check_keys, stack
+from gradguard.norms import tensor_norms
 
 __all__ = [
     "Detection",
@@ -65,25 +72,51 @@ class Detection(NamedTuple):
     score: Tensor
 
 
-class Detector(ABC):
-    """Base class of every detector: a pure ``check`` and a guarded ``update``."""
+class Detector(Stateful, ABC):
+    """Base class of every detector: a pure ``check`` and a guarded ``update``.
+
+    State goes through ``_config_keys`` and ``_state_spec()``
+    (:class:`gradguard._state.Stateful`), which give ``state_dict`` and a validated
+    ``load_state_dict``.
+
+    Attributes:
+        name: the detector's name in records and in the guard's ``responses`` keys.
+        default_response: the guard's ladder of actions when this detector flags and the
+            user named none for it, e.g. ``("log",)`` to observe only; ``None`` (the default)
+            means the guard's default ladder. Detectors whose flag says "look at this" rather
+            than "this step is poisoned" (vanishing layers, update ratios) declare
+            ``("log",)``.
+
+    Example:
+        >>> class LossAbove(Detector):
+        ...     name = "loss_above"
+        ...     default_response = ("log",)
+        ...     def check(self, s):
+        ...         flag = s.loss > 10.0
+        ...         return Detection(flag, flag.float())
+    """
 
     name: ClassVar[str] = "detector"
+    default_response: ClassVar[tuple[str, ...] | None] = None
 
     @abstractmethod
     def check(self, s: Signals) -> Detection:
-        """Judge this step from its signals; pure, on the device."""
+        """Judge this step from its signals; pure, on the device.
+
+        Args:
+            s: this step's signals.
+
+        Returns:
+            :class:`Detection`: a 0-dim bool flag and a 0-dim fp32 score.
+        """
 
     def update(self, s: Signals, accepted: Tensor) -> None:
-        """Learn from this step when ``accepted`` (0-dim bool) and its signals are finite."""
-        return None
+        """Learn from this step when ``accepted`` (0-dim bool) and its signals are finite.
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue identically."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        Args:
+            s: this step's signals (the same as given to :meth:`check`).
+            accepted: 0-dim bool; False for skipped or non-finite steps, which change nothing.
+        """
         return None
 
 
@@ -115,44 +148,14 @@ class NonFiniteDetector(Detector):
         return "NonFiniteDetector()"
 
 
-def _int(name: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    return value
-
-
-def _check_keys(obj: object, state: Any, keys: Iterable[str]) -> None:
-    name = type(obj).__name__
-    if not isinstance(state, dict):
-        raise TypeError(f"{name}.load_state_dict expects a dict, got {type(state).__name__}")
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise ValueError(f"{name}.load_state_dict: state lacks keys {missing}")
-
-
-def _check_tensor(
-    obj: object, name: str, value: Any, shape: tuple[int, ...], integer: bool
-) -> Tensor:
-    """A state tensor of the right kind and shape; counters >= 0 (read at load time only)."""
-    owner = type(obj).__name__
-    kind = "an int64" if integer else "a floating"
-    if not isinstance(value, Tensor) or not (
-        value.dtype == torch.int64 if integer else value.dtype.is_floating_point
-    ):
-        raise TypeError(f"{owner}.load_state_dict: {name} must be {kind} tensor")
-    if tuple(value.shape) != shape:
-        raise ValueError(
-            f"{owner}.load_state_dict: {name} must have shape {shape}, got {tuple(value.shape)}"
-        )
-    if integer and bool((value < 0).any()):
-        raise ValueError(f"{owner}.load_state_dict: {name} must be >= 0")
-    return value
-
-
-def _as_bool(accepted: Tensor | bool, device: torch.device) -> Tensor:
-    if isinstance(accepted, bool):
-        return torch.full((), accepted, dtype=torch.bool, device=device)
-    return accepted.to(device=device, dtype=torch.bool).reshape(())
+def _legacy(state: Any, keys: tuple[str, ...]) -> Any:
+    """The flat layout of gradguard 0.1 (state tensors beside the config, ``None`` before the
+    first step) in today's layout (under ``"state"``, empty before the first step)."""
+    if not isinstance(state, dict) or "state" in state or not all(k in state for k in keys):
+        return state
+    inner = {k: state[k] for k in keys}
+    rest = {k: v for k, v in state.items() if k not in keys}
+    return {**rest, "state": {} if all(v is None for v in inner.values()) else inner}
 
 
 def _no(device: torch.device) -> Detection:
@@ -180,6 +183,9 @@ class SpikeDetector(Detector):
 
     Warm-up: no flag until ``warmup`` values are stored (default ``max(2, window // 2)``).
 
+    State: ``buffer`` (fp32, ``window`` values, NaN where empty) and ``count`` (values stored
+    so far), created on the signal's device at the first step.
+
     Args:
         signal: ``"loss"`` or ``"grad_norm"`` (the pre-clip total norm).
         window: history length (``>= 2``).
@@ -190,12 +196,17 @@ class SpikeDetector(Detector):
             error into a huge score; in log space the default 1e-3 means a jump must be at
             least ``z`` x 0.1 % to be flagged. With ``log=False`` it is in the signal's units.
 
+    Raises:
+        ValueError: an argument out of range.
+        TypeError: ``log`` not a bool.
+
     Example:
         >>> det = SpikeDetector("loss", window=128, z=6.0)
         >>> flag, score = det.check(signals); det.update(signals, accepted)
     """
 
     name: ClassVar[str] = "spike"
+    _config_keys = ("signal", "window", "z", "warmup", "log", "min_std")
 
     def __init__(
         self,
@@ -206,20 +217,31 @@ class SpikeDetector(Detector):
         log: bool = True,
         min_std: float = 1e-3,
     ) -> None:
+        super().__init__()
         if signal not in SPIKE_SIGNALS:
             raise ValueError(f"signal must be one of {SPIKE_SIGNALS}, got {signal!r}")
         self.signal = signal
-        self.window = _int("window", window, 2)
+        self.window = as_int("window", window, 2)
         self.z = _validate.threshold("z", z, allow_zero=False)
-        self.warmup = _int("warmup", max(2, window // 2) if warmup is None else warmup, 2)
+        self.warmup = as_int("warmup", max(2, window // 2) if warmup is None else warmup, 2)
         if self.warmup > self.window:
             raise ValueError(f"warmup must be <= window ({self.window}), got {warmup!r}")
         if not isinstance(log, bool):
             raise TypeError(f"log must be a bool, got {type(log).__name__}")
         self.log = log
         self.min_std = _validate.threshold("min_std", min_std)
-        self._buffer: Tensor | None = None
-        self._count: Tensor | None = None
+
+    def _state_spec(self) -> dict[str, Spec]:
+        return {
+            "buffer": Spec((self.window,), dtype=torch.float32),
+            "count": Spec((), integer=True),
+        }
+
+    def _fresh_state(self, like: Tensor) -> dict[str, Tensor]:
+        return {
+            "buffer": torch.full((self.window,), math.nan, device=like.device),
+            "count": torch.zeros((), dtype=torch.int64, device=like.device),
+        }
 
     def _value(self, s: Signals) -> Tensor | None:
         raw = s.loss if self.signal == "loss" else s.total_norm
@@ -233,20 +255,13 @@ class SpikeDetector(Detector):
         x = raw.detach().reshape(()).to(torch.float32)
         return x.log() if self.log else x
 
-    def _state(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self._buffer is None or self._count is None:
-            self._buffer = torch.full((self.window,), math.nan, device=device)
-            self._count = torch.zeros((), dtype=torch.int64, device=device)
-        if self._buffer.device != device:
-            self._buffer, self._count = self._buffer.to(device), self._count.to(device)
-        return self._buffer, self._count
-
     def score(self, s: Signals) -> Tensor:
         """The one-sided z-score of this step (0 in warm-up or without the signal); pure."""
         x = self._value(s)
         if x is None:
             return torch.zeros((), dtype=torch.float32, device=s.total_norm.device)
-        buf, count = self._state(x.device)
+        st = self._ensure(x)
+        buf, count = st["buffer"], st["count"]
         valid = ~buf.isnan()
         n = valid.sum().to(torch.float32)
         mean = torch.where(valid, buf, 0.0).sum() / n.clamp(min=1)
@@ -264,39 +279,17 @@ class SpikeDetector(Detector):
         x = self._value(s)
         if x is None:
             return
-        buf, count = self._state(x.device)
+        st = self._ensure(x)
+        buf, count = st["buffer"], st["count"]
         # The whole step must be finite: a finite loss with NaN gradients is not "normal".
         step_ok = s.finite.to(x.device, torch.bool) & s.total_norm.to(x.device).isfinite()
-        ok = _as_bool(accepted, x.device) & x.isfinite() & step_ok & _loss_finite(s).to(x.device)
+        ok = as_bool(accepted, x.device) & x.isfinite() & step_ok & _loss_finite(s).to(x.device)
         slot = torch.arange(self.window, device=x.device) == count % self.window
-        self._buffer = torch.where(slot & ok, x, buf)
-        self._count = count + ok.to(torch.int64)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "signal": self.signal,
-            "window": self.window,
-            "z": self.z,
-            "warmup": self.warmup,
-            "log": self.log,
-            "min_std": self.min_std,
-            "buffer": None if self._buffer is None else self._buffer.clone(),
-            "count": None if self._count is None else self._count.clone(),
-        }
+        st["buffer"] = torch.where(slot & ok, x, buf)
+        st["count"] = count + ok.to(torch.int64)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        keys = ["signal", "window", "z", "warmup", "log", "min_std", "buffer", "count"]
-        _check_keys(self, state, keys)
-        checked = SpikeDetector(*(state[k] for k in keys[:6]))
-        buf, count = state["buffer"], state["count"]
-        if (buf is None) != (count is None):
-            raise ValueError("SpikeDetector.load_state_dict: buffer and count are both set or None")
-        if buf is not None:
-            buf = _check_tensor(self, "buffer", buf, (checked.window,), integer=False)
-            count = _check_tensor(self, "count", count, (), integer=True)
-        self.__dict__.update(checked.__dict__)
-        self._buffer = None if buf is None else buf.detach().to(torch.float32).clone()
-        self._count = None if count is None else count.detach().clone()
+        super().load_state_dict(_legacy(state, ("buffer", "count")))
 
     def __repr__(self) -> str:
         return (
@@ -330,11 +323,17 @@ class VanishingDetector(Detector):
     for reports).
 
     Warm-up: none beyond ``patience``. Needs at least two gradients; with one it never flags.
-    State is per layer name, so parameters may come and go between steps.
+    State is per layer name, so parameters may come and go between steps: ``run`` (int64, the
+    current low streak of each layer) under ``"state"``, and ``names`` beside it.
+
+    Its flag asks for a look, not a skip: :attr:`default_response` is ``("log",)``.
 
     Args:
         floor: ratio to the others' median, in (0, 1).
         patience: consecutive low accepted steps before flagging (``>= 1``).
+
+    Raises:
+        ValueError: an argument out of range.
 
     Example:
         >>> det = VanishingDetector(floor=1e-3, patience=10)
@@ -343,32 +342,53 @@ class VanishingDetector(Detector):
     """
 
     name: ClassVar[str] = "vanishing"
+    default_response: ClassVar[tuple[str, ...] | None] = ("log",)
+    _config_keys = ("floor", "patience")
 
     def __init__(self, floor: float = 1e-3, patience: int = 10) -> None:
+        super().__init__()
         f = _validate.as_float("floor", floor)
         if not (0 < f < 1):
             raise ValueError(f"floor must be in (0, 1), got {f!r}")
         self.floor = f
-        self.patience = _int("patience", patience, 1)
+        self.patience = as_int("patience", patience, 1)
         self._names: list[str] = []
-        self._run: Tensor | None = None
+
+    def _state_spec(self) -> dict[str, Spec]:
+        return {"run": Spec(None, integer=True)}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"names": list(self._names)}
+
+    def _check_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> dict[str, Any]:
+        owner = type(self).__name__
+        check_keys(owner, state, ["names"])
+        names = state["names"]
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"{owner}.load_state_dict: names must be a list of str")
+        n_run = tensors["run"].numel() if tensors else None
+        if n_run is None and names:
+            raise ValueError(f"{owner}.load_state_dict: names without a run")
+        if n_run is not None and n_run != len(names):
+            raise ValueError(
+                f"{owner}.load_state_dict: state['run'] must have one entry per name "
+                f"({len(names)}), got {n_run}"
+            )
+        return {"_names": list(names)}
 
     def low_mask(self, s: Signals) -> Tensor:
         """Per-layer bool: below the floor on this step (all False if not finite); pure."""
         device = s.total_norm.device
         if len(s.per_tensor) < 2:
             return torch.zeros((len(s.per_tensor),), dtype=torch.bool, device=device)
-        if all(n.device == device for n in s.per_tensor):
-            v = torch.stack(s.per_tensor).reshape(-1).to(torch.float32)
-        else:
-            v = torch.stack([n.reshape(()).to(device, torch.float32) for n in s.per_tensor])
+        v = stack(s.per_tensor, s.total_norm.to(torch.float32))
         return (v < self.floor * others_median(v)) & s.finite.to(device, torch.bool)
 
     def _aligned_run(self, names: list[str], device: torch.device) -> Tensor:
         n = len(names)
-        if self._run is None:
+        if not self._state:
             return torch.zeros((n,), dtype=torch.int64, device=device)
-        run = self._run.to(device)
+        run = self._state["run"].to(device)
         if names == self._names:
             return run
         if run.numel() == 0 or n == 0:
@@ -401,31 +421,12 @@ class VanishingDetector(Detector):
             )
         low = self.low_mask(s)
         run = self._aligned_run(list(s.names), low.device)
-        ok = _as_bool(accepted, low.device) & s.finite.to(low.device, torch.bool)
-        self._run = torch.where(ok, torch.where(low, run + 1, 0), run)
+        ok = as_bool(accepted, low.device) & s.finite.to(low.device, torch.bool)
+        self._state = {"run": torch.where(ok, torch.where(low, run + 1, 0), run)}
         self._names = list(s.names)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "floor": self.floor,
-            "patience": self.patience,
-            "names": list(self._names),
-            "run": None if self._run is None else self._run.clone(),
-        }
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_keys(self, state, ["floor", "patience", "names", "run"])
-        checked = VanishingDetector(state["floor"], state["patience"])
-        names, run = state["names"], state["run"]
-        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise TypeError("VanishingDetector.load_state_dict: names must be a list of str")
-        if run is not None:
-            run = _check_tensor(self, "run (one entry per name)", run, (len(names),), True)
-        elif names:
-            raise ValueError("VanishingDetector.load_state_dict: names without a run")
-        self.floor, self.patience = checked.floor, checked.patience
-        self._names = list(names)
-        self._run = None if run is None else run.detach().clone()
+        super().load_state_dict(_legacy(state, ("run",)))
 
     def __repr__(self) -> str:
         return f"VanishingDetector(floor={self.floor}, patience={self.patience})"
@@ -451,24 +452,14 @@ def update_ratios(before: list[Tensor], after: list[Tensor], eps: float = 1e-12)
     if not before:
         return torch.zeros((0,), dtype=torch.float32)
     device = before[0].device
-    deltas = torch._foreach_sub(after, before)
-    d = torch.stack([n.to(device, torch.float32) for n in _norms(deltas)])
-    w = torch.stack([n.to(device, torch.float32) for n in _norms(before)])
-    return d / w.clamp(min=eps)
+    d = _norms32(torch._foreach_sub(after, before), device)
+    return d / _norms32(before, device).clamp(min=eps)
 
 
-def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
-    # fp32 accumulation, as in gradguard.norms; duplicates cannot occur (distinct weights).
-    index = {id(t): i for i, t in enumerate(tensors)}
-    slots: list[Tensor | None] = [None] * len(tensors)
-    for (device, _), group in group_by_device_dtype(tensors).items():
-        if use_foreach(group, device, None):
-            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
-        else:
-            norms = tuple(torch.linalg.vector_norm(t, dtype=torch.float32) for t in group)
-        for t, n in zip(group, norms):
-            slots[index[id(t)]] = n
-    return [n for n in slots if n is not None]
+def _norms32(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """The 2-norm of each tensor (measured by :func:`gradguard.norms.tensor_norms`, fp32
+    accumulation for fp16/bf16), as one fp32 vector on ``device``."""
+    return stack(tensor_norms(list(tensors)), torch.empty((0,), dtype=torch.float32, device=device))
 
 
 class UpdateRatioDetector(Detector):
@@ -492,11 +483,18 @@ class UpdateRatioDetector(Detector):
     no temporaries: on the CPU about a quarter of a foreach AdamW step. Watch only every k-th
     step, or leave 1-D parameters out (the default), when that matters.
 
+    It flags a step already taken, so :attr:`default_response` is ``("log",)``: name a
+    ladder with ``"rollback"`` in the guard's ``responses`` to act on it.
+
     Args:
         max_ratio: flag above this (``> 0``).
         include_1d: also watch biases and norm gains (small or zero norms make their ratios
             large and noisy, so they are left out by default).
         eps: floor on the weight norm (``> 0``).
+
+    Raises:
+        ValueError: an argument out of range.
+        TypeError: ``include_1d`` not a bool.
 
     Example:
         >>> det = UpdateRatioDetector(max_ratio=0.1)
@@ -504,8 +502,11 @@ class UpdateRatioDetector(Detector):
     """
 
     name: ClassVar[str] = "update_ratio"
+    default_response: ClassVar[tuple[str, ...] | None] = ("log",)
+    _config_keys = ("max_ratio", "include_1d", "eps")
 
     def __init__(self, max_ratio: float = 0.1, include_1d: bool = False, eps: float = 1e-12):
+        super().__init__()
         self.max_ratio = _validate.threshold("max_ratio", max_ratio, allow_zero=False)
         if not isinstance(include_1d, bool):
             raise TypeError(f"include_1d must be a bool, got {type(include_1d).__name__}")
@@ -553,9 +554,9 @@ class UpdateRatioDetector(Detector):
             return self.ratios
         # In place on the copies (the next before() overwrites them anyway): no temporaries.
         device = weights[0].device
-        w = torch.stack([n.to(device) for n in _norms(self._copies)])
+        w = _norms32(self._copies, device)
         torch._foreach_sub_(self._copies, weights)
-        d = torch.stack([n.to(device) for n in _norms(self._copies)])
+        d = _norms32(self._copies, device)
         self._copies_spent = True
         self.ratios = d / w.clamp(min=self.eps)
         return self.ratios
@@ -569,18 +570,8 @@ class UpdateRatioDetector(Detector):
         worst = torch.where(r.isnan(), math.inf, r).max()
         return Detection(bad.any(), worst)
 
-    def state_dict(self) -> dict[str, Any]:
-        # The weight copies are per-step scratch, not state: a resumed run calls before() again.
-        return {"max_ratio": self.max_ratio, "include_1d": self.include_1d, "eps": self.eps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_keys(self, state, ["max_ratio", "include_1d", "eps"])
-        checked = UpdateRatioDetector(state["max_ratio"], state["include_1d"], state["eps"])
-        self.max_ratio, self.include_1d, self.eps = (
-            checked.max_ratio,
-            checked.include_1d,
-            checked.eps,
-        )
+    # state_dict holds the config only: the weight copies are per-step scratch, not state
+    # (a resumed run calls before() again).
 
     def __repr__(self) -> str:
         return f"UpdateRatioDetector(max_ratio={self.max_ratio}, include_1d={self.include_1d})"
