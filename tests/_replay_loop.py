@@ -145,3 +145,22 @@ def train(
         )
         rng = rng_state()
     return None
+
+
+def ddp_worker(rank: int, world: int, directory: str) -> dict[str, Any]:
+    """Two-rank DDP on gloo: rank 1's share of step 4 has row 3 scaled by 1e4.
+
+    Launched by ``tests._dist_scale.launch``; every rank sees the all-reduced (bad) gradient and
+    writes its own bundle (``-rank<r>``), as the guard does after agreeing on the flags.
+    """
+    model = nn.parallel.DistributedDataParallel(mlp(0, dropout=0.0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def data(step: int) -> tuple[Tensor, Tensor]:
+        x, y = batch(1000 * rank + step, rows=8)
+        if step == 4 and rank == 1:
+            x[3] *= 1e4
+        return x, y
+
+    path = train(model, opt, Path(directory), 8, data=data)
+    return {"path": str(path) if path is not None else ""}

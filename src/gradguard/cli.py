@@ -1,4 +1,4 @@
-"""The ``gradguard`` command line: ``demo``, ``lab``, ``diagnose`` and ``report``.
+"""The ``gradguard`` command line: ``demo``, ``lab``, ``diagnose``, ``replay`` and ``report``.
 
 Exit codes, the same for every command, so that scripts can rely on them:
 
@@ -312,6 +312,45 @@ def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+# -- replay ------------------------------------------------------------------------------------
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from gradguard.incident import BundleError, load_bundle
+    from gradguard.replay import NotReproducible, ReplayError, replay
+    from gradguard.report.incident import build_incident_page
+
+    if not Path(args.bundle).is_file():
+        raise UsageError(f"bundle not found: {args.bundle}")
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as e:
+        raise UsageError(str(e)) from e
+    factory = load_factory(args.factory)
+    try:
+        made = factory()
+    except Exception as e:
+        raise UsageError(f"the factory {args.factory} raised {type(e).__name__}: {e}") from e
+    console = _console()
+    try:
+        with console.status("replaying the step (per-sample, op trace, optimizer on a copy)..."):
+            result = replay(bundle, lambda: made)
+    except ReplayError as e:
+        raise UsageError(str(e)) from e
+    except NotReproducible as e:
+        _console(stderr=True).print(f"[red]not reproducible:[/red] {escape(str(e))}")
+        return EXIT_FAILURE
+    console.print(f"[bold]{escape(result.kind)}[/bold]: {escape(result.summary)}")
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")
+    if args.json:
+        result.to_json(args.json)
+        console.print(f"json: {args.json}")
+    if args.html:
+        console.print(f"page: {build_incident_page(result, args.html)}")
+    return EXIT_OK
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -449,6 +488,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=_int, default=0, help="seed of the remedies' re-initializations"
     )
     diagnose.set_defaults(func=_cmd_diagnose)
+
+    rep = sub.add_parser(
+        "replay",
+        help="re-run the step of an incident bundle and say why it went wrong",
+        description=(
+            "Replay an incident bundle written by the guard and classify the incident:\n"
+            "data (culprit rows named), transient (not reproducible), optimizer-state,\n"
+            "model-state (weights already bad) or numerics (the op where NaN/inf was born).\n\n"
+            "FACTORY is path/to/file.py:factory or package.module:factory, as for diagnose\n"
+            "(it RUNS THE USER'S CODE): it returns the model, (model, batch) or\n"
+            "(model, batch, loss_fn); the bundle's weights are loaded into that model.\n"
+            "Exit codes: 0 classified; 1 the step cannot be reproduced at all (a different\n"
+            "model); 2 bad input (missing, truncated or altered bundle, bad factory)."
+        ),
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    rep.add_argument("bundle", metavar="BUNDLE", help="an incident-<step>.pt file")
+    rep.add_argument("--factory", required=True, help="file.py:factory or package.module:factory")
+    rep.add_argument("--json", default=None, metavar="OUT.json", help="write the result as JSON")
+    rep.add_argument("--html", default=None, metavar="OUT.html", help="write the incident page")
+    rep.set_defaults(func=_cmd_replay)
 
     report = sub.add_parser(
         "report",
