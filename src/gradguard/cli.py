@@ -120,6 +120,10 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     from gradguard.lab import EXPERIMENTS, run_experiment
 
     chosen = list(args.experiments or ["all"])
+    if "stability" in chosen:
+        if len(chosen) > 1:
+            raise UsageError("run `gradguard lab stability` on its own (it takes minutes)")
+        return _cmd_lab_stability(args)
     names = list(EXPERIMENTS) if "all" in chosen else list(dict.fromkeys(chosen))
     out = _out_dir(args.out)
     console = _console()
@@ -157,6 +161,30 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     )
     console.print(f"results: {out}/ (JSON, markdown and figures)")
     return EXIT_OK if all(v[1] == "held" for v in verdicts) else EXIT_FAILURE
+
+
+def _cmd_lab_stability(args: argparse.Namespace) -> int:
+    """The stability benchmark: every method on S1-S7; writes stability.md to --out."""
+    from gradguard.lab import stability
+
+    out = _out_dir(args.out)
+    seeds = args.seeds if args.seeds is not None else 3
+    mode = " --quick" if args.quick else ""
+    command = f"gradguard lab stability{mode} --seeds {seeds} --out {args.out}"
+    t0 = time.perf_counter()
+    with _progress() as progress:
+        result = stability.run(
+            seeds=seeds, quick=args.quick, out=out, ticker=RichTicker(progress), command=command
+        )
+    seconds = time.perf_counter() - t0
+    console = _console()
+    console.rule(escape(f"lab stability: {result.title}"))
+    console.print(f"[bold]setup[/bold]: {escape(result.setup)}")
+    console.print(_table(f"stability ({seconds:.1f} s)", result.columns, result.rows))
+    console.print(escape(result.summary))
+    console.print(f"results: {out}/stability.md (tables), stability-*.png, stability-runs.json")
+    # A benchmark, not a pass/fail experiment: the table says where the defaults lose.
+    return EXIT_OK
 
 
 # -- demo --------------------------------------------------------------------------------------
@@ -429,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab = sub.add_parser(
         "lab",
-        help="run the reproducible experiments (chain, vectors, remedies, rnn, spike)",
+        help="run the reproducible experiments (chain, vectors, remedies, rnn, spike, stability)",
         description=(
             "Small, seeded experiments, each printing its setup, its success criterion and a\n"
             "table, and writing figures, JSON and markdown to --out:\n"
@@ -438,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  remedies  a diverging deep MLP trained once per remedy\n"
             "  rnn       tanh RNN on the adding problem, with and without clipping\n"
             "  spike     tiny transformer LM with poisoned batches, unguarded vs guarded\n"
-            "  all       all of the above (--quick: a few minutes on 2 CPU cores)"
+            "  all       all of the above (--quick: a few minutes on 2 CPU cores)\n"
+            "  stability the stability benchmark: every peer and gradguard on scenarios S1-S7\n"
+            "            (run on its own; --quick about 5 minutes, full about 30, 2 cores)"
         ),
         epilog=EPILOG,
         formatter_class=fmt,
@@ -447,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
         "experiments",
         nargs="*",
         metavar="EXPERIMENT",
-        choices=[*EXPERIMENTS, "all"],
-        help=f"one or more of {', '.join(EXPERIMENTS)}, all (default: all)",
+        choices=[*EXPERIMENTS, "all", "stability"],
+        help=f"one or more of {', '.join(EXPERIMENTS)}, all (default: all); or stability",
     )
     lab.add_argument(
         "--seeds",

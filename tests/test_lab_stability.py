@@ -1,0 +1,199 @@
+"""The stability benchmark: metric definitions on hand-made curves, real peers, determinism."""
+
+from __future__ import annotations
+
+import math
+from importlib.metadata import version
+
+import pytest
+import torch
+from torch import nn
+
+from gradguard.lab import _methods, stability
+from gradguard.lab._methods import METHODS, OlmoSkipStep, Stopped, guard_method, timm_agc_
+from gradguard.lab._metrics import lr_sensitivity, median, recovery_steps, spike_score, spread
+from gradguard.lab._scenarios import SCENARIOS, corpus
+
+# -- metrics on hand-made curves -----------------------------------------------------------------
+
+
+def test_spike_score_counts_outliers_against_the_rolling_window():
+    flat = [1.0, 1.1] * 10  # mean 1.05, std 0.05: 3 sigma is 1.2
+    curve = [*flat, 1.19, 1.5, *flat]
+    # 42 steps; 1.19 is inside 3 sigma, 1.5 is a spike; the window after it holds 1.5,
+    # which widens it, so nothing else counts
+    assert spike_score(curve) == pytest.approx(1 / 42)
+    assert spike_score(curve, k=20.0) == 0.0
+
+
+def test_spike_score_non_finite_steps_always_count_and_excluded_steps_never():
+    assert spike_score([1.0, math.nan, math.inf, 1.0]) == pytest.approx(0.5)  # before warm-up too
+    curve = [1.0] * 12 + [100.0] + [1.0] * 7
+    excluded = [False] * 12 + [True] + [False] * 7
+    assert spike_score(curve) == pytest.approx(1 / 20)
+    assert spike_score(curve, excluded) == 0.0  # the fault batch's own loss is not the method's
+    assert spike_score([]) == 0.0
+
+
+def test_spike_score_starts_scoring_after_min_window():
+    curve = [1.0, 1.0, 50.0, 1.0]
+    assert spike_score(curve, min_window=10) == 0.0
+    assert spike_score(curve, min_window=2) == pytest.approx(1 / 4)
+
+
+def test_recovery_steps_on_hand_made_curves():
+    pos = list(range(10))
+    # baseline of [3, 2]: 2.5 + 0.5; from step 3 the 5-step means are 3.8, 2.4: recovered at 4
+    assert recovery_steps([3, 2, 9, 9, 4, 2, 2, 2, 2, 2], pos, (2, 2)) == 1
+    # unaffected: the step right after the fault is already back
+    assert recovery_steps([2.0] * 10, pos, (5, 5)) == 0
+    # never back: the loss stays high (or non-finite)
+    assert recovery_steps([2, 2, 2, 9, 9, 9, 9, 9, 9, 9], pos, (3, 3)) is None
+    assert recovery_steps([2, 2, 2, 9, *([math.nan] * 6)], pos, (3, 3)) is None
+    # the fault never reached (a rollback skipped it): no recovery to measure
+    assert recovery_steps([2.0] * 5, [0, 1, 2, 6, 7], (3, 5)) is None
+
+
+def test_recovery_waits_for_a_replayed_fault():
+    # a rollback replays positions 3..4: position 4 is seen twice
+    losses = [2.0, 2.0, 2.0, 2.0, 50.0, 2.0, 50.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    positions = [0, 1, 2, 3, 4, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert recovery_steps(losses, positions, (4, 4)) == 0  # counted from the last hit (step 6)
+
+
+def test_lr_sensitivity_median_and_spread():
+    assert lr_sensitivity([2.0, math.nan, 5.0], [4.0, 4.0, 4.0]) == pytest.approx(10 / 3)
+    assert median([1.0, math.nan, 3.0]) == 3.0  # nan ranks last
+    assert spread([1.0, 1.5, math.nan]) == 0.5
+    assert spread([1.0]) == 0.0
+
+
+# -- peers and re-implementations ----------------------------------------------------------------
+
+
+def test_peers_are_the_real_packages():
+    import autoclip.torch
+    import pytorch_optimizer
+    import zclip
+
+    assert version("pytorch-optimizer") == "4.1.0" and version("zclip") == "1.0.0"
+    assert version("autoclip") == "0.2.1"
+    assert hasattr(zclip, "ZClip") and hasattr(autoclip.torch, "QuantileClip")
+    for name in ("AdaGC", "SPAM", "StableSPAM"):
+        assert issubclass(getattr(pytorch_optimizer, name), torch.optim.Optimizer)
+
+
+def test_timm_agc_matches_the_unitwise_closed_form():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 1e-4]]))  # row norms 5 and ~1e-4 (eps 1e-3)
+    w.grad = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    b = nn.Parameter(torch.tensor([1.0, 0.0]))
+    b.grad = torch.tensor([0.001, 0.0])
+    assert timm_agc_([w, b], clip_factor=0.1)
+    # row 0: max 0.5 < 1 -> scaled to norm 0.5; row 1: max 0.1 * 1e-3 -> norm 1e-4
+    assert torch.allclose(w.grad[0], torch.tensor([0.5, 0.0]))
+    assert torch.allclose(w.grad[1].norm(), torch.tensor(1e-4), rtol=1e-4)
+    assert torch.equal(b.grad, torch.tensor([0.001, 0.0]))  # under 0.1 * ||b|| = 0.1
+
+
+def test_olmo_skip_step_rule():
+    problem = stability.build_problem("S4", seed=0)
+    model = problem.model
+    stepper = OlmoSkipStep(model, problem)
+    actions = []
+    for i in range(80):
+        loss = problem.loss(model, problem.batch(i + 10))  # no fault positions
+        if i == 70:
+            loss = loss * 1000.0  # a loss 6+ sigma off (the gradient follows)
+        loss.backward()
+        actions.append(stepper.step(loss))
+        model.zero_grad(set_to_none=True)
+    assert actions[:64] == ["step"] * 64  # inactive until 64 losses are in
+    assert actions[70] == "skip"
+    assert actions.count("skip") == 1
+
+
+def test_every_method_runs_on_every_scenario_it_applies_to():
+    chosen = ["none", "clip-1", "zclip", "autoclip", "adagc", "spam", "stablespam"]
+    chosen += ["olmo-skip", "agc", "gradguard-defaults", "gradguard-best"]
+    for scenario in SCENARIOS:
+        adamw = stability.build_problem(scenario, 0).optimizer == "adamw"
+        for method in chosen:
+            if METHODS[method].replaces_optimizer and not adamw:
+                with pytest.raises(ValueError, match="replaces AdamW"):
+                    stability.run_one(scenario, method, steps=2)
+                continue
+            r = stability.run_one(scenario, method, steps=6)
+            assert r.steps == 6 or r.stopped, (scenario, method, r.stopped)
+            assert r.skips + (r.clips or 0) + r.rollbacks <= r.steps
+            assert math.isfinite(r.initial_loss)
+            assert 0.0 <= r.spike_score <= 1.0
+
+
+def test_an_abort_is_a_stopped_diverged_run(monkeypatch):
+    from gradguard import GuardConfig
+
+    monkeypatch.setitem(
+        METHODS,
+        "abort-on-nan",
+        guard_method("abort on NaN", lambda: GuardConfig(responses={"nonfinite": ("abort",)})),
+    )
+    r = stability.run_one("S5", "abort-on-nan", steps=80)  # the NaN window starts at 75
+    assert r.stopped.startswith("GuardAbort") and r.diverged
+    assert r.steps == 76  # the aborted step is the last one counted
+    assert issubclass(Stopped, Exception)
+
+
+# -- determinism, the sweep, the document ------------------------------------------------------
+
+
+def test_same_seed_same_numbers():
+    a = stability.run_one("S1", "gradguard-defaults", seed=1, steps=15)
+    b = stability.run_one("S1", "gradguard-defaults", seed=1, steps=15)
+    c = stability.run_one("S1", "gradguard-defaults", seed=2, steps=15)
+    da, db = a.summary(), b.summary()
+    da.pop("ms_per_step"), db.pop("ms_per_step")
+    assert da == db and a.losses == b.losses
+    assert a.losses != c.losses
+
+
+def test_the_corpus_is_stdlib_text():
+    alphabet, train, held = corpus()
+    assert " " in alphabet and "e" in alphabet and len(alphabet) < 100
+    assert len(train) > 50_000 and len(held) > 5_000
+
+
+def test_sweep_tables_figures_and_verdict(tmp_path):
+    result = stability.run_stability(
+        quick=True,
+        seeds=2,
+        methods=["none", "clip-1", "clip-4", "gradguard-defaults"],
+        scenarios=["S3", "S4"],
+        workers=1,
+        steps=8,
+    )
+    assert len(result.runs) == (5 + 1) * 4 * 2
+    cell = result.cell("S3", "none")
+    assert cell is not None and len(cell.score) == 2  # LR sensitivity per seed
+    assert result.best_clip("S4") in ("clip-1", "clip-4")
+    text, ok = result.verdict("S4")
+    assert isinstance(ok, bool) and text
+    md = stability.to_markdown(result, "test")
+    assert "## S3" in md and "LR sensitivity" in md and "within noise" in md
+    paths = stability._figures(result, tmp_path)
+    assert (tmp_path / "stability-S3-lr.png").is_file() and len(paths) == 3
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="scenario"):
+        stability.run_one("S9", "none")
+    with pytest.raises(ValueError, match="method"):
+        stability.run_one("S1", "nope")
+    with pytest.raises(ValueError, match="unknown method"):
+        stability.run_stability(methods=["nope"])
+    assert set(_methods.default_methods(True)) <= set(METHODS)
+
+
+def test_cli_runs_stability_alone():
+    from gradguard.cli import main
+
+    assert main(["lab", "stability", "chain", "--out", "/nonexistent-never-written"]) == 2
