@@ -242,3 +242,64 @@ def test_insert_norm_refuses_a_model_without_hidden_layers() -> None:
         R.insert_norm(nn.Sequential(nn.Linear(3, 2)))
     one = R.insert_norm(nn.Linear(3, 2), "layer", skip_last=False)
     assert isinstance(one, nn.Sequential) and isinstance(one[1], nn.LayerNorm)
+
+
+def test_insert_norm_leaves_layers_whose_parent_reads_their_weight() -> None:
+    # MultiheadAttention passes out_proj.weight to a fused kernel, and TransformerEncoderLayer's
+    # inference fast path reads linear1/linear2.weight: wrapped, both raised AttributeError.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 32), nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), nn.Linear(32, 1)
+    )
+    x = torch.randn(4, 10, 32)
+    new = R.insert_norm(model, "layer", skip_last=False)
+    assert isinstance(new[0], nn.Sequential) and isinstance(new[0][1], nn.LayerNorm)
+    assert isinstance(new[2], nn.Sequential)
+    enc = new[1]
+    assert type(enc.self_attn.out_proj) is type(model[1].self_attn.out_proj)
+    assert isinstance(enc.linear1, nn.Linear) and isinstance(enc.linear2, nn.Linear)
+    assert new.train()(x).shape == (4, 10, 1)
+    with torch.no_grad():  # eval + no_grad: the fused path that reads the weights itself
+        assert new.eval()(x).shape == (4, 10, 1)
+    with pytest.raises(ValueError, match=r"0\.self_attn\.out_proj, 0\.linear1, 0\.linear2"):
+        R.insert_norm(nn.Sequential(model[1], nn.Linear(32, 1)), "batch")
+
+
+class _TiedHead(nn.Module):
+    """A parent that reads its child's weight (weight tying in forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 6)
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        return nn.functional.linear(h, self.proj.weight.t())
+
+
+class _Indexed(nn.Module):
+    """A parent that indexes its Sequential: restructuring it would move its members."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[2](self.layers[1](self.layers[0](x)))
+
+
+def test_custom_parents_that_read_or_index_children_are_left_alone() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(_TiedHead(), nn.Linear(6, 2))
+    new = R.insert_norm(m, "batch")
+    assert isinstance(new[0].body, nn.Sequential) and isinstance(new[0].proj, nn.Linear)
+    x = torch.randn(8, 6)
+    assert new(x).shape == (8, 2)
+    with pytest.raises(ValueError, match="no block whose output shape"):
+        R.add_residual(_Indexed())
+    outer = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), _Indexed())
+    res = R.add_residual(outer)
+    assert isinstance(res[0], R.Residual)  # the outer Sequential is restructured ...
+    assert [type(c) for c in res[1].layers] == [type(c) for c in outer[2].layers]  # ... not this
+    torch.testing.assert_close(res(x), outer[2](x + torch.relu(outer[0](x))))

@@ -18,7 +18,9 @@ the weights: ``nn.Linear``, ``nn.Conv1d/2d/3d`` and the recurrent layers (``nn.R
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -249,6 +251,46 @@ def _norm_for(layer: nn.Module, kind: str) -> nn.Module:
     return norm.to(device=ref.device, dtype=ref.dtype)
 
 
+_SOURCES: dict[type, str] = {}
+
+
+def _class_source(cls: type) -> str:
+    """The source of ``cls`` and of its ``nn.Module`` bases below ``nn.Module`` ('' if unknown)."""
+    if cls in _SOURCES:
+        return _SOURCES[cls]
+    parts = []
+    for base in cls.__mro__:
+        if base is nn.Module or not (isinstance(base, type) and issubclass(base, nn.Module)):
+            continue
+        try:
+            parts.append(inspect.getsource(base))
+        except (OSError, TypeError):  # defined in a REPL, exec'd, or compiled
+            continue
+    _SOURCES[cls] = "\n".join(parts)
+    return _SOURCES[cls]
+
+
+def _reads_child(parent: nn.Module, attr: str) -> bool:
+    """Whether ``parent``'s code reaches into its child ``attr`` instead of only calling it.
+
+    ``nn.MultiheadAttention`` passes ``self.out_proj.weight`` to a functional kernel, and the
+    fused inference path of ``nn.TransformerEncoderLayer`` reads ``self.linear1.weight``: wrap
+    such a child, or restructure it, and the parent breaks (``'Sequential' object has no
+    attribute 'weight'``). A read like ``self.<attr>.<name>`` or ``self.<attr>[...]`` in the
+    parent's class source counts; code whose source cannot be read counts as calling only.
+    """
+    pattern = rf"\.{re.escape(attr)}\s*(?:\[|\.\s*(?!forward\b)[A-Za-z_])"
+    return re.search(pattern, _class_source(type(parent))) is not None
+
+
+def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    """``(parent module, attribute name)`` of the submodule ``name``; None for the root."""
+    if not name:
+        return None
+    parent_name, _, attr = name.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), attr
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -263,6 +305,12 @@ def insert_norm(model: nn.Module, kind: str = "batch", *, skip_last: bool = True
     layer ``L`` becomes ``nn.Sequential(L, norm)`` under the same name, so state-dict keys of the
     original weights gain a ``.0``.
 
+    A layer whose parent reads its attributes instead of only calling it is left alone: the
+    ``out_proj`` of ``nn.MultiheadAttention`` (its weight goes straight to a fused kernel), the
+    ``linear1``/``linear2`` of ``nn.TransformerEncoderLayer`` (read by its fused inference path),
+    and any custom parent whose code reads ``self.<name>.weight`` (or another attribute) or
+    indexes it. Wrapping those would break the parent's forward.
+
     Args:
         model: left unchanged.
         kind: ``"batch"`` or ``"layer"``.
@@ -271,6 +319,10 @@ def insert_norm(model: nn.Module, kind: str = "batch", *, skip_last: bool = True
 
     Returns:
         The new model, on the device and dtype of the original layers.
+
+    Raises:
+        ValueError: no layer is left to normalize (none, only the output layer, or only layers
+            whose parent reads them directly; the message names those).
 
     Example:
         >>> bn_mlp = insert_norm(mlp, "batch")
@@ -282,14 +334,18 @@ def insert_norm(model: nn.Module, kind: str = "batch", *, skip_last: bool = True
     targets = [(n, m) for n, m in new.named_modules() if isinstance(m, (nn.Linear, *_CONV))]
     if skip_last and targets:
         targets = targets[:-1]
+    read = [n for n, _ in targets if (pa := _parent(new, n)) is not None and _reads_child(*pa)]
+    targets = [(n, m) for n, m in targets if n not in read]
     if not targets:
+        why = []
+        if skip_last:
+            why.append("the last one, the output layer, is skipped: skip_last=False")
+        if read:
+            shown = ", ".join(read[:4]) + (", ..." if len(read) > 4 else "")
+            why.append(f"{shown}: their parent reads their weights directly")
         raise ValueError(
             "insert_norm found no Linear/Conv layer to normalize"
-            + (
-                " (the last one, the output layer, is skipped: skip_last=False)"
-                if skip_last
-                else ""
-            )
+            + (f" ({'; '.join(why)})" if why else "")
         )
     for name, layer in targets:
         wrapped = nn.Sequential(layer, _norm_for(layer, kind))
@@ -357,7 +413,14 @@ def _block_keeps_shape(block: list[nn.Module]) -> bool:
 
 
 def _sequentials(model: nn.Module) -> list[tuple[str, nn.Sequential]]:
-    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Sequential]
+    """The plain Sequentials of ``model`` that may be restructured: not those whose parent
+    indexes them or reads their members' attributes (``self.layers[0].weight``), whose code
+    would no longer find what it expects."""
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) is nn.Sequential and ((pa := _parent(model, n)) is None or not _reads_child(*pa))
+    ]
 
 
 def add_residual(model: nn.Module, *, scale: float = 1.0) -> nn.Module:
