@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +42,8 @@ from torch import Tensor, nn
 
 from gradguard import _validate
 from gradguard import remedies as _rem
+from gradguard.clip import clip_grad_norm_
+from gradguard.norms import get_total_norm, tensor_norms
 from gradguard.records import SCHEMA_VERSION, Row
 
 __all__ = [
@@ -51,14 +54,32 @@ __all__ = [
     "default_loss",
     "diagnose",
     "measure_gains",
+    "rank_remedies",
 ]
 
 LossFn = Callable[[Any, Any], Tensor]
+REFERENCE = "no change (reference)"  # the unchanged model's row among the remedies
 
 
 @dataclass
 class LayerStats:
-    """What one layer measured. Gains refer to the segment that starts at this layer's input."""
+    """What one layer measured. Gains refer to the segment that starts at this layer's input.
+
+    Attributes:
+        index: position in execution order.
+        name: qualified module name.
+        module: the module's class name.
+        act_rms: RMS of the layer's output (forward).
+        grad_rms: RMS of the loss gradient at the layer's output.
+        grad_norm: L2 norm of the loss gradient at the segment's start (the layer's input).
+        weight_grad_norm: L2 norm of the loss gradient of the layer's own parameters.
+        gain: backward gain of the segment (gradient norm at its start over its end), without
+            its shape changes; ``gain * shape_gain`` is the measured ratio.
+        act_gain: forward RMS gain from the previous layer's output (shape changes excluded).
+        jacobian_norm: spectral-norm estimate of the segment's Jacobian (None: not estimated).
+        shape_gain: backward gain of the segment's shape changes (pooling), 1.0 without any.
+        shape_steps: the modules behind ``shape_gain``, comma-separated.
+    """
 
     index: int
     name: str
@@ -67,27 +88,46 @@ class LayerStats:
     grad_rms: float  # RMS of dLoss/d(output of the layer)
     grad_norm: float  # L2 norm of the gradient at the segment's start (the layer's input)
     weight_grad_norm: float  # L2 norm of dLoss/d(the layer's own parameters)
-    gain: float  # backward gain of the segment: grad norm at its start / at its end
+    gain: float  # backward gain of the segment without its shape changes
     act_gain: float  # forward: RMS of this layer's output / RMS of the previous layer's output
     jacobian_norm: float | None  # spectral-norm estimate of the segment's Jacobian
+    shape_gain: float = 1.0  # backward gain of the segment's shape changes, not in ``gain``
+    shape_steps: str = ""  # the modules behind ``shape_gain`` (comma-separated names)
 
 
 @dataclass
 class RemedyResult:
-    """One remedy, measured on a copy of the model."""
+    """One remedy, measured on a copy of the model.
+
+    Attributes:
+        name: what it is (``"kaiming init"``).
+        how: the call that applies it.
+        per_layer_gain: ``depth_gain ** (1 / n_layers)`` of the changed model.
+        overall_gain: its gradient norm at the input over the norm at the output, as measured.
+        verdict: ``"exploding"``, ``"vanishing"``, ``"healthy"`` (on ``depth_gain``), or
+            ``"unknown"`` when the gradient is NaN.
+        loss_after: the loss after the probe run (``steps`` SGD steps on the batch); NaN when
+            not trained, NaN/inf when training blew up.
+        threshold: the clipping threshold (the clipping remedy only).
+        note: what to keep in mind when reading the numbers.
+        error: why it does not apply to this model (None: it applies).
+        depth_gain: ``overall_gain`` without the shape changes between layers.
+    """
 
     name: str
-    how: str  # the call that applies it
+    how: str
     per_layer_gain: float = math.nan
     overall_gain: float = math.nan
     verdict: str = ""
-    loss_after: float = math.nan  # loss after ``steps`` SGD steps on the batch
-    threshold: float | None = None  # for the clipping remedy
+    loss_after: float = math.nan
+    threshold: float | None = None
     note: str = ""
-    error: str | None = None  # why it does not apply to this model
+    error: str | None = None
+    depth_gain: float = math.nan
 
     @property
     def applicable(self) -> bool:
+        """Whether the remedy could be applied, run and measured on this model."""
         return self.error is None
 
 
@@ -97,15 +137,24 @@ class Diagnosis:
 
     Attributes:
         layers: per-layer statistics in execution order.
-        per_layer_gain: geometric mean of the backward gains per layer.
-        overall_gain: gradient norm at the input over the gradient norm at the output.
+        per_layer_gain: geometric mean of the layers' backward gains,
+            ``depth_gain ** (1 / n_layers)``.
+        overall_gain: gradient norm at the input over the gradient norm at the output, as
+            measured.
         forward_gain: geometric mean of the per-layer activation RMS gains.
-        verdict: ``"exploding"``, ``"vanishing"`` or ``"healthy"``.
+        verdict: ``"exploding"``, ``"vanishing"``, ``"healthy"`` (on ``depth_gain``), or
+            ``"unknown"`` when the gradient is NaN.
         message: the verdict in plain words.
         loss: the loss on the batch.
-        tolerance: the verdict's threshold on the overall gain.
-        remedies: ranked, best first (empty when not requested).
+        tolerance: the verdict's threshold on the depth gain.
+        remedies: ranked, best first (empty when not requested); see :func:`rank_remedies`.
         steps: SGD steps behind each remedy's ``loss_after`` (0: not trained).
+        depth_gain: ``overall_gain`` without the shape changes between layers (pooling), the
+            product of the layers' ``gain``; equal to ``overall_gain`` when nothing between two
+            layers changes the number of elements.
+        shape_gain: ``overall_gain / depth_gain``: what the shape changes contribute, once.
+        loss_tolerance: how much worse than no change a remedy's loss may be before it ranks
+            below it (relative).
     """
 
     layers: list[LayerStats]
@@ -118,6 +167,9 @@ class Diagnosis:
     tolerance: float
     remedies: list[RemedyResult] = field(default_factory=list)
     steps: int = 0
+    depth_gain: float = math.nan
+    shape_gain: float = 1.0
+    loss_tolerance: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values (JSON-ready except for non-finite floats)."""
@@ -151,27 +203,35 @@ class Diagnosis:
         )
         for s in self.layers:
             jac = "-" if s.jacobian_norm is None else f"{s.jacobian_norm:.3g}"
+            shape = f"  (then {s.shape_steps}: {s.shape_gain:.3g}x, once)" if s.shape_steps else ""
             lines.append(
                 f"{s.index:>3} {s.name[:24]:<24} {s.act_rms:>10.3g} {s.grad_rms:>10.3g} "
-                f"{s.gain:>8.3g} {jac:>8}"
+                f"{s.gain:>8.3g} {jac:>8}{shape}"
             )
         if self.remedies:
             lines += ["", "remedies, best first (measured on a copy of the model):"]
+            ref = next((r for r in self.remedies if r.name == REFERENCE), None)
+            ref_loss = math.nan if ref is None else ref.loss_after
             rank = 0
             for r in self.remedies:
                 if not r.applicable:
                     continue
                 rank += 1
                 trained = f", loss after {self.steps} SGD steps {r.loss_after:.3g}"
+                tier = _loss_tier(r, ref_loss, self.loss_tolerance, self.steps > 0)
+                if tier == 1:
+                    trained += " (worse than no change)"
+                elif tier == 2:
+                    trained += " (training blew up)"
                 extra = (trained if self.steps else "") + (f"; {r.note}" if r.note else "")
                 lines.append(
                     f"{rank:>2}. {r.name}: per-layer gain {r.per_layer_gain:.3g}, over the depth "
-                    f"{r.overall_gain:.3g}{extra}"
+                    f"{r.depth_gain:.3g}{extra}"
                 )
                 lines.append(f"    apply: {r.how}")
             skipped = [r for r in self.remedies if not r.applicable]
             for r in skipped:
-                lines.append(f"  - {r.name}: not applicable ({r.error})")
+                lines.append(f"  - {r.name}: not applicable: {r.error}")
         return "\n".join(lines)
 
     def to_rows(self, step: int = 0) -> list[Row]:
@@ -187,6 +247,8 @@ class Diagnosis:
                 "message": self.message,
                 "per_layer_gain": self.per_layer_gain,
                 "overall_gain": self.overall_gain,
+                "depth_gain": self.depth_gain,
+                "shape_gain": self.shape_gain,
                 "forward_gain": self.forward_gain,
                 "n_layers": len(self.layers),
                 "loss": self.loss,
@@ -209,6 +271,7 @@ class Diagnosis:
                     "how": r.how,
                     "per_layer_gain": r.per_layer_gain,
                     "overall_gain": r.overall_gain,
+                    "depth_gain": r.depth_gain,
                     "verdict": r.verdict,
                     "loss_after": r.loss_after,
                     "threshold": r.threshold,
@@ -256,14 +319,6 @@ def _f(t: Tensor) -> float:
     return float(t.detach().double())
 
 
-def _norm(t: Tensor | None) -> float:
-    return math.nan if t is None else _f(torch.linalg.vector_norm(t.detach().double()))
-
-
-def _rms(t: Tensor) -> float:
-    return _f(t.detach().double().pow(2).mean().sqrt()) if t.numel() else math.nan
-
-
 def _spectral_norm(x: Tensor, y: Tensor, iters: int, gen: torch.Generator) -> float | None:
     """Power iteration for the largest singular value of dy/dx, with J v from double-backward."""
     if iters <= 0 or not x.requires_grad:
@@ -274,15 +329,15 @@ def _spectral_norm(x: Tensor, y: Tensor, iters: int, gen: torch.Generator) -> fl
         if jt_w is None or not jt_w.requires_grad:
             return None
         v = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-        v = v / torch.linalg.vector_norm(v).clamp_min(1e-30)
+        v = v / get_total_norm(v).clamp_min(1e-30)
         sigma = 0.0
         for _ in range(iters):
             (jv,) = torch.autograd.grad(jt_w, w, v, retain_graph=True)
-            sigma = _norm(jv)
+            sigma = _norms([jv])[0]
             if not sigma > 0 or not math.isfinite(sigma):
                 break
             (jtu,) = torch.autograd.grad(y, x, jv, retain_graph=True)
-            n = torch.linalg.vector_norm(jtu)
+            n = get_total_norm(jtu)
             if not _f(n) > 0:
                 break
             v = jtu / n
@@ -294,13 +349,49 @@ def _spectral_norm(x: Tensor, y: Tensor, iters: int, gen: torch.Generator) -> fl
 
 @dataclass
 class Gains:
-    """What :func:`measure_gains` found: per-layer statistics and the three summary gains."""
+    """What :func:`measure_gains` found: per-layer statistics and the summary gains.
+
+    Attributes:
+        layers: per-layer statistics, in execution order.
+        overall: gradient norm at the first layer's input over the norm at the last layer's
+            output, as measured.
+        per_layer: ``depth ** (1 / len(layers))``.
+        forward: geometric mean of the layers' activation RMS gains (shape changes excluded).
+        loss: the loss on the batch.
+        depth: ``overall`` without the shape changes between layers (``overall / shape``).
+        shape: the product of the excluded shape changes' gains (1.0 when there are none).
+    """
 
     layers: list[LayerStats]
     overall: float
     per_layer: float
     forward: float
     loss: float
+    depth: float
+    shape: float
+
+
+@dataclass
+class _ShapeStep:
+    """One call of a parameter-free module that changes the number of elements (pooling)."""
+
+    name: str
+    x: Tensor
+    y: Tensor
+    t0: int
+    t1: int
+
+
+def _norms(ts: Sequence[Tensor | None]) -> list[float]:
+    """L2 norms (NaN for None) measured by :func:`gradguard.norms.tensor_norms`, in float64:
+    the entries of a vanished gradient (1e-20) square below float32's range."""
+    present = [t.detach().double() for t in ts if t is not None]
+    values = iter(torch.stack([n.cpu() for n in tensor_norms(present)]).tolist() if present else [])
+    return [math.nan if t is None else next(values) for t in ts]
+
+
+def _rms(norm: float, t: Tensor) -> float:
+    return norm / math.sqrt(t.numel()) if t.numel() else math.nan
 
 
 def measure_gains(
@@ -316,7 +407,16 @@ def measure_gains(
     The building block of :func:`diagnose` (which calls it on copies). The model is used as
     given, in its current mode; parameter ``.grad`` is not touched (gradients come from
     ``torch.autograd.grad``), but a module with state (BatchNorm running statistics) sees one
-    forward pass.
+    forward pass. Norms are measured by :mod:`gradguard.norms` (in float64).
+
+    Shape changes: a parameter-free module (no children, no weight of 2+ dimensions) whose
+    output has a different number of elements than its input (``AvgPool2d``,
+    ``AdaptiveAvgPool2d``, ``Upsample``) and that runs between one layer's input and the next
+    layer's input scales the gradient once, not once per layer: average pooling over ``S``
+    positions divides the norm by ``sqrt(S)`` whatever the weights. Its gain (gradient norm at
+    its input over its output) is divided out of that segment's ``gain`` and kept in the
+    layer's ``shape_gain``; its forward RMS ratio likewise leaves ``act_gain``. Functional
+    pooling (``x.mean((2, 3))`` in a forward) is not a module and stays in the gain.
 
     Args:
         model: the model to measure.
@@ -328,20 +428,30 @@ def measure_gains(
     Returns:
         :class:`Gains`.
 
+    Raises:
+        ValueError: no layer's output requires grad (a frozen or empty model).
+        TypeError: ``loss_fn`` did not return a scalar tensor.
+
     Example:
         >>> g = measure_gains(copy.deepcopy(model), (x, y), jacobian_iters=0)
         >>> g.per_layer, [s.gain for s in g.layers]
     """
     loss_fn = loss_fn or default_loss
     gen = generator or torch.Generator().manual_seed(0)
+    clock = itertools.count()
     order: list[tuple[str, nn.Module]] = []
     inputs: dict[int, Tensor | None] = {}
     outputs: dict[int, Tensor] = {}
+    start: dict[int, int] = {}
+    finish: dict[int, int] = {}
+    shape_steps: list[_ShapeStep] = []
+    pending: dict[int, list[tuple[int, Tensor | None]]] = {}
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         if id(module) not in inputs:
             x = _first_tensor(args)
             inputs[id(module)] = x if x is not None and x.requires_grad else None
+            start[id(module)] = next(clock)
 
     def fwd_hook(module: nn.Module, args: Any, output: Any) -> None:
         if id(module) in outputs:
@@ -349,7 +459,24 @@ def measure_gains(
         out = _first_tensor(output)
         if out is not None and out.requires_grad:
             outputs[id(module)] = out
+            finish[id(module)] = next(clock)
             order.append((names[id(module)], module))
+
+    def step_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+        pending.setdefault(id(module), []).append((next(clock), _first_tensor(args)))
+
+    def step_post(module: nn.Module, args: Any, output: Any) -> None:
+        t0, x = pending[id(module)].pop()
+        y = _first_tensor(output)
+        if (
+            x is not None
+            and y is not None
+            and x.requires_grad
+            and y.requires_grad
+            and x.numel() != y.numel()
+        ):
+            name = f"{names[id(module)] or '(root)'} ({type(module).__name__})"
+            shape_steps.append(_ShapeStep(name, x, y, t0, next(clock)))
 
     names = {id(m): n for n, m in model.named_modules()}
     handles = []
@@ -357,6 +484,9 @@ def measure_gains(
         if _owns_weight(m):
             handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(fwd_hook))
+        elif next(m.children(), None) is None:
+            handles.append(m.register_forward_pre_hook(step_pre))
+            handles.append(m.register_forward_hook(step_post))
     x_in = _rem.model_input(batch)
     if isinstance(x_in, Tensor) and x_in.is_floating_point() and not x_in.requires_grad:
         # A differentiable copy of the input, so that the gradient reaching it is measured on
@@ -379,46 +509,93 @@ def measure_gains(
     ins = [inputs.get(id(m)) for _, m in order]
     outs = [outputs[id(m)] for _, m in order]
     wanted: list[Tensor] = [t for t in ins if t is not None] + outs
+    wanted += [t for st in shape_steps for t in (st.x, st.y)]
     params = [[p for p in m.parameters(recurse=False) if p.requires_grad] for _, m in order]
     flat_params: list[Tensor] = [p for ps in params for p in ps]
     grads = torch.autograd.grad(loss, wanted + flat_params, retain_graph=True, allow_unused=True)
     by_id = {id(t): g for t, g in zip(wanted + flat_params, grads)}
-    g_in = [by_id.get(id(t)) if t is not None else None for t in ins]
-    g_out = [by_id.get(id(t)) for t in outs]
+
+    def grad_of(t: Tensor | None) -> Tensor | None:
+        return None if t is None else by_id.get(id(t))
+
+    g_in = [grad_of(t) for t in ins]
+    g_out = [grad_of(t) for t in outs]
     # The gradient at each segment's start: the layer's input, or its output if the input is
     # not differentiable (an embedding's indices).
-    points = [_norm(gi if gi is not None else go) for gi, go in zip(g_in, g_out)]
-    end = _norm(g_out[-1])
+    points = _norms([gi if gi is not None else go for gi, go in zip(g_in, g_out)])
+    out_norms = _norms(outs)
+    go_norms = _norms(g_out)
+    end = go_norms[-1]
     ends = [*points[1:], end]
+    bounds = [start[id(m)] for _, m in order] + [finish[id(order[-1][1])]]
+    back, fwd, labels = _shape_factors(shape_steps, grad_of, bounds)
     stats: list[LayerStats] = []
     prev_rms = math.nan
     for i, (name, m) in enumerate(order):
-        act_rms = _rms(outs[i])
+        act_rms = _rms(out_norms[i], outs[i])
         x, y = ins[i], (ins[i + 1] if i + 1 < n else outs[i])
         jac = _spectral_norm(x, y, jacobian_iters, gen) if x is not None and y is not None else None
         go_i = g_out[i]
-        wg = [by_id.get(id(p)) for p in params[i]]
-        wnorm = math.sqrt(sum(_norm(g) ** 2 for g in wg if g is not None))
+        wg = [g for g in (by_id.get(id(p)) for p in params[i]) if g is not None]
         stats.append(
             LayerStats(
                 index=i,
                 name=name or type(m).__name__,
                 module=type(m).__name__,
                 act_rms=act_rms,
-                grad_rms=_rms(go_i) if go_i is not None else math.nan,
+                grad_rms=_rms(go_norms[i], go_i) if go_i is not None else math.nan,
                 grad_norm=points[i],
-                weight_grad_norm=wnorm,
-                gain=_ratio(points[i], ends[i]),
-                act_gain=_ratio(act_rms, prev_rms) if i else math.nan,
+                weight_grad_norm=_f(get_total_norm([g.double() for g in wg])) if wg else 0.0,
+                gain=_ratio(points[i], ends[i]) / back[i],
+                act_gain=_ratio(act_rms, prev_rms) / fwd[i - 1] if i else math.nan,
                 jacobian_norm=jac,
+                shape_gain=back[i],
+                shape_steps=labels[i],
             )
         )
         prev_rms = act_rms
     # No gradient at either end (a dead ReLU stack): nothing reaches the input, it vanished.
     overall = 0.0 if points[0] == 0 and end == 0 else _ratio(points[0], end)
-    act_gains = [s.act_gain for s in stats[1:]]
-    forward = _ratio(stats[-1].act_rms, stats[0].act_rms) ** (1.0 / max(len(act_gains), 1))
-    return Gains(stats, overall, _geo(overall, n), forward, _f(loss))
+    shape = math.prod(back)
+    depth = overall / shape
+    fwd_shape = math.prod(fwd[: n - 1])
+    forward = (_ratio(stats[-1].act_rms, stats[0].act_rms) / fwd_shape) ** (1.0 / max(n - 1, 1))
+    return Gains(stats, overall, _geo(depth, n), forward, _f(loss), depth, shape)
+
+
+def _shape_factors(
+    steps: list[_ShapeStep], grad_of: Callable[[Tensor], Tensor | None], bounds: list[int]
+) -> tuple[list[float], list[float], list[str]]:
+    """Per segment: the backward and forward gains of its shape changes, and their names.
+
+    ``bounds`` are the hooks' clock at each layer's input, then at the last layer's output:
+    segment ``i`` runs from ``bounds[i]`` to ``bounds[i + 1]``. A step outside every segment
+    (before the first layer, after the last) is outside the measured depth. Only a finite,
+    positive gain is divided out: a zero or NaN gradient is the model's problem, not a shape
+    change.
+    """
+    n = len(bounds) - 1
+    back, fwd, labels = [1.0] * n, [1.0] * n, [""] * n
+    if not steps:
+        return back, fwd, labels
+    xs = _norms([st.x for st in steps])
+    ys = _norms([st.y for st in steps])
+    gxs = _norms([grad_of(st.x) for st in steps])
+    gys = _norms([grad_of(st.y) for st in steps])
+    for st, nx, ny, gx, gy in zip(steps, xs, ys, gxs, gys):
+        seg = next(
+            (i for i in range(n) if bounds[i] < st.t0 and st.t1 < bounds[i + 1]),
+            None,
+        )
+        b = _ratio(gx, gy)
+        if seg is None or not (0 < b < math.inf):
+            continue
+        back[seg] *= b
+        f = _ratio(_rms(ny, st.y), _rms(nx, st.x))
+        if 0 < f < math.inf:
+            fwd[seg] *= f
+        labels[seg] = f"{labels[seg]}, {st.name}" if labels[seg] else st.name
+    return back, fwd, labels
 
 
 def _ratio(a: float, b: float) -> float:
@@ -439,29 +616,36 @@ def _geo(overall: float, n: int) -> float:
     return math.exp(math.log(overall) / n)
 
 
-def _verdict(overall: float, tolerance: float) -> str:
-    if math.isnan(overall):
+def _verdict(gain: float, tolerance: float) -> str:
+    if math.isnan(gain):
         return "unknown"
-    if overall > tolerance:
+    if gain > tolerance:
         return "exploding"
-    if overall < 1.0 / tolerance:
+    if gain < 1.0 / tolerance:
         return "vanishing"
     return "healthy"
 
 
-def _describe(verdict: str, per_layer: float, overall: float, n: int) -> str:
+def _describe(verdict: str, g: Gains) -> str:
+    n = len(g.layers)
     if verdict == "unknown":
         return "the gradient could not be measured (it is NaN); check the loss and the input"
-    if overall == 0:
+    if g.overall == 0:
         return (
             f"backward, no gradient reaches the input: it is exactly zero ({n} layers); "
             "dead ReLUs or zero weights block it"
         )
-    if per_layer >= 1.0:
-        head = f"backward, the gradient grows about {per_layer:.3g}x per layer"
+    if g.per_layer >= 1.0:
+        head = f"backward, the gradient grows about {g.per_layer:.3g}x per layer"
     else:
-        head = f"backward, the gradient shrinks to about {per_layer:.3g}x per layer"
-    tail = f"at the input it is {overall:.2g} times its size at the output ({n} layers)"
+        head = f"backward, the gradient shrinks to about {g.per_layer:.3g}x per layer"
+    tail = f"at the input it is {g.overall:.2g} times its size at the output ({n} layers)"
+    steps = ", ".join(s.shape_steps for s in g.layers if s.shape_steps)
+    if steps:
+        tail += (
+            f"; {g.depth:.2g} without the shape changes between layers ({steps}: "
+            f"{g.shape:.2g}x, once, not per layer)"
+        )
     if verdict == "healthy":
         tail += ", which is healthy"
     return f"{head}; {tail}"
@@ -477,23 +661,27 @@ def _train_loss(
     clip: float | None = None,
     l2: float = 0.0,
 ) -> float:
-    """The loss after ``steps`` plain SGD steps on ``batch`` (NaN/inf when training blew up)."""
+    """The loss after ``steps`` plain SGD steps on ``batch`` (NaN/inf when training blew up).
+
+    The clipping remedy clips with :func:`gradguard.clip.clip_grad_norm_`, the call it
+    recommends, so the rule is the package's own.
+    """
     # Plain SGD by hand: constructing a torch.optim optimizer imports torch._dynamo (seconds).
     params = [p for p in model.parameters() if p.requires_grad]
     x = _rem.model_input(batch)
     for _ in range(steps):
+        model.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), batch)
         if l2:
             loss = loss + _rem.l2_penalty(model, l2).to(loss.device)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
-        if clip is not None and pairs:
-            total = torch.linalg.vector_norm(torch.stack([g.norm() for _, g in pairs]))
-            coef = (clip / (total + 1e-6)).clamp(max=1.0)
-            pairs = [(p, g * coef) for p, g in pairs]
+        loss.backward()
+        if clip is not None:
+            clip_grad_norm_(params, clip)
         with torch.no_grad():
-            for p, g in pairs:
-                p.sub_(g, alpha=lr)
+            for p in params:
+                if p.grad is not None:
+                    p.sub_(p.grad, alpha=lr)
+    model.zero_grad(set_to_none=True)
     with torch.no_grad():
         return _f(loss_fn(model(x), batch))
 
@@ -515,8 +703,7 @@ def _chunks(batch: Any, k: int) -> list[Any]:
 def _total_grad_norm(model: nn.Module, batch: Any, loss_fn: LossFn) -> float:
     model.zero_grad(set_to_none=True)
     loss_fn(model(_rem.model_input(batch)), batch).backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    total = get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)
     return _f(total)
 
@@ -577,12 +764,43 @@ def diagnose(
     l2: float = 1e-3,
     percentile: float = 10.0,
     seed: int = 0,
+    loss_tolerance: float = 0.05,
 ) -> Diagnosis:
     """Diagnose exploding or vanishing gradients on the initialized ``model``, before training.
 
-    Nothing of ``model`` changes: everything runs on ``copy.deepcopy(model)`` in train mode, and
-    the global random state is restored afterwards. See the module docstring for what a layer,
-    a segment and a gain are.
+    Backpropagation multiplies one factor per layer (the chain rule), so gradients grow or
+    shrink exponentially with depth (Pascanu, Mikolov & Bengio 2013, "On the difficulty of
+    training recurrent neural networks", arXiv 1211.5063). This measures those factors on one
+    batch (see the module docstring for what a layer, a segment and a gain are), gives a
+    verdict on the gain over the depth, and, with ``remedies=True``, applies each remedy of
+    :mod:`gradguard.remedies` to a fresh copy, checks that the copy still runs (a forward and
+    backward in train mode, a forward in eval mode), measures it the same way, trains it
+    ``steps`` plain SGD steps on the batch, and ranks the results with :func:`rank_remedies`.
+
+    The remedies tried:
+
+    * Kaiming init (He et al. 2015, "Delving Deep into Rectifiers", arXiv 1502.01852), Xavier
+      init (Glorot & Bengio 2010, "Understanding the difficulty of training deep feedforward
+      neural networks"), orthogonal init (Saxe et al. 2014, arXiv 1312.6120): :func:`~gradguard.
+      remedies.reinit_`;
+    * LSUV init (Mishkin & Matas 2015, "All you need is a good init", arXiv 1511.06422):
+      :func:`~gradguard.remedies.lsuv_`;
+    * batch norm (Ioffe & Szegedy 2015, arXiv 1502.03167) and layer norm (Ba et al. 2016,
+      arXiv 1607.06450) after each hidden layer: :func:`~gradguard.remedies.insert_norm`;
+    * residual connections (He et al. 2016, arXiv 1512.03385):
+      :func:`~gradguard.remedies.add_residual`;
+    * fewer layers (half the removable depth): :func:`~gradguard.remedies.truncate`;
+    * an L2 penalty (Krogh & Hertz 1992): :func:`~gradguard.remedies.l2_penalty`;
+    * clipping the gradient norm at the ``percentile``-th percentile of sub-batch norms
+      (AutoClip, Seetharaman et al. 2020, arXiv 2007.14469), with
+      :func:`gradguard.clip.clip_grad_norm_`.
+
+    A remedy that does not fit the model (no same-shape block for a skip connection, BatchNorm
+    on a batch of one, a transform whose copy no longer runs) is kept in the list as not
+    applicable, with the reason; it never stops the diagnosis.
+
+    Nothing of ``model`` changes: everything runs on ``copy.deepcopy(model)`` in train mode,
+    and the global random state is restored afterwards.
 
     Args:
         model: the model, as initialized.
@@ -590,26 +808,36 @@ def diagnose(
         loss_fn: ``loss_fn(output, batch) -> scalar tensor``; ``None`` uses
             :func:`default_loss` (cross-entropy or MSE for ``(x, y)``, else
             ``output.pow(2).mean()``).
-        remedies: also measure every remedy of :mod:`gradguard.remedies` on a copy and rank them.
-        tolerance: "exploding" above this overall gain, "vanishing" below its inverse (> 1).
+        remedies: also measure every remedy on a copy and rank them.
+        tolerance: "exploding" above this depth gain, "vanishing" below its inverse (> 1).
         jacobian_iters: power-iteration steps per Jacobian estimate (0 skips the estimate).
         steps: SGD steps each remedy (and the unchanged model) trains for, on the batch, to
-            report the loss after them (0 skips).
-        lr: their learning rate.
-        l2: the L2 penalty weight tried as a remedy.
-        percentile: the percentile of the norms over sub-batches used as clipping threshold
-            (AutoClip, arXiv 2007.14469, uses 10).
+            report the loss after them and rank by it (0 skips).
+        lr: their learning rate (> 0).
+        l2: the L2 penalty weight tried as a remedy (>= 0).
+        percentile: the percentile of the norms over sub-batches used as clipping threshold,
+            in [0, 100] (AutoClip uses 10).
         seed: seeds the remedies' initializations, so a diagnosis is reproducible.
+        loss_tolerance: a remedy whose loss after ``steps`` is more than this fraction above
+            the unchanged model's ranks below it (>= 0); see :func:`rank_remedies`.
 
     Returns:
-        A :class:`Diagnosis`; ``print(d.summary())`` reads it out.
+        A :class:`Diagnosis`; ``print(d.summary())`` reads it out, ``d.to_rows()`` gives
+        records rows for the report.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``batch`` holds no input tensor,
+            ``loss_fn`` is not callable or returns no scalar, or ``seed`` is not an int.
+        ValueError: an argument is out of range, no layer of ``model`` requires grad, or no
+            default loss fits ``batch`` (pass ``loss_fn``).
 
     Example:
         >>> d = gradguard.diagnose(mlp, (x, y))
-        >>> d.verdict, d.per_layer_gain
+        >>> d.verdict, round(d.per_layer_gain, 2)
         ('exploding', 1.73)
         >>> d.remedies[0].how
         "gradguard.remedies.reinit_(model, 'kaiming')"
+        >>> print(d.summary())
     """
     _rem._check_module(model)
     if loss_fn is not None and not callable(loss_fn):
@@ -622,6 +850,7 @@ def diagnose(
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     _validate.threshold("lr", lr, allow_zero=False)
     _validate.threshold("l2", l2)
+    loss_tol = _validate.threshold("loss_tolerance", loss_tolerance)
     p = _validate.as_float("percentile", percentile)
     if not 0.0 <= p <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
@@ -637,21 +866,168 @@ def diagnose(
     with _rng_fork(model, seed):
         base = copy.deepcopy(model).train()
         g = measure_gains(base, batch, fn, jacobian_iters=jacobian_iters)
-        verdict = _verdict(g.overall, tol)
+        verdict = _verdict(g.depth, tol)
         diag = Diagnosis(
             layers=g.layers,
             per_layer_gain=g.per_layer,
             overall_gain=g.overall,
             forward_gain=g.forward,
             verdict=verdict,
-            message=_describe(verdict, g.per_layer, g.overall, len(g.layers)),
+            message=_describe(verdict, g),
             loss=g.loss,
             tolerance=tol,
             steps=steps if remedies else 0,
+            depth_gain=g.depth,
+            shape_gain=g.shape,
+            loss_tolerance=loss_tol,
         )
         if remedies:
-            diag.remedies = _measure_remedies(base, batch, fn, g, tol, steps, lr, l2, percentile)
+            results = _measure_remedies(base, batch, fn, g, tol, steps, lr, l2, percentile)
+            diag.remedies = rank_remedies(
+                results, results[0], loss_tolerance=loss_tol, trained=steps > 0
+            )
     return diag
+
+
+def _loss_tier(r: RemedyResult, reference_loss: float, loss_tolerance: float, trained: bool) -> int:
+    """0: the loss after training is no worse than no change's (within the tolerance), or not
+    trained; 1: finite but worse; 2: NaN or inf (training blew up)."""
+    if not trained:
+        return 0
+    if not math.isfinite(r.loss_after):
+        return 2
+    bar = reference_loss + loss_tolerance * abs(reference_loss)
+    return 1 if math.isfinite(reference_loss) and r.loss_after > bar else 0
+
+
+def rank_remedies(
+    results: list[RemedyResult],
+    reference: RemedyResult,
+    *,
+    loss_tolerance: float = 0.05,
+    trained: bool = True,
+) -> list[RemedyResult]:
+    """Order measured remedies best first; the rule :func:`diagnose` uses.
+
+    1. Applicable remedies before the ones that are not (those keep their order).
+    2. When trained, by the loss after the probe run, in three tiers: first the remedies whose
+       loss is finite and at most ``reference.loss_after * (1 + loss_tolerance)`` (for a
+       negative reference loss: ``reference + loss_tolerance * |reference|``), the reference
+       itself included; then those whose loss is finite but worse, by that loss, lowest first;
+       last those whose loss is NaN or inf. A remedy that trains worse than doing nothing thus
+       never ranks above no change, nor above a remedy with a better loss; one that blows up
+       ranks last. When the reference's own loss is not finite, every finite loss is in the
+       first tier.
+    3. Within a tier: a remedy whose verdict is healthy first; then by how close the per-layer
+       gain gets to 1 (``|log gain|`` rounded to 3 decimals, so float noise does not decide a
+       tie); then the gain over the depth (where fewer layers help); then the loss.
+
+    Args:
+        results: the measured remedies (the reference among them, or not).
+        reference: the unchanged model's result, whose ``loss_after`` is the bar.
+        loss_tolerance: relative slack on the bar (>= 0).
+        trained: whether ``loss_after`` was measured (``diagnose(steps > 0)``); if not, the
+            tiers of step 2 are skipped.
+
+    Returns:
+        A new list, best first.
+
+    Example:
+        >>> ranked = rank_remedies(d.remedies, d.remedies[0], loss_tolerance=0.1)
+    """
+
+    def off(gain: float) -> float:
+        return abs(math.log(gain)) if gain > 0 and math.isfinite(gain) else math.inf
+
+    def key(r: RemedyResult) -> tuple[int, int, float, int, float, float, float]:
+        if not r.applicable:
+            return (1, 0, 0.0, 0, 0.0, 0.0, 0.0)
+        tier = _loss_tier(r, reference.loss_after, loss_tolerance, trained)
+        loss = r.loss_after if math.isfinite(r.loss_after) else math.inf
+        return (
+            0,
+            tier,
+            loss if tier == 1 else 0.0,
+            0 if r.verdict == "healthy" else 1,
+            round(off(r.per_layer_gain), 3),
+            off(r.depth_gain),
+            loss,
+        )
+
+    return sorted(results, key=key)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).splitlines()
+    return text[0] if text else type(e).__name__
+
+
+class _NotApplicable(Exception):
+    """A remedy that does not fit the model; the message says why."""
+
+
+def _stage(what: str, e: Exception) -> _NotApplicable:
+    if isinstance(e, _NotApplicable):
+        return e
+    return _NotApplicable(f"{what} raised {type(e).__name__}: {_first_line(e)}")
+
+
+def _check_runs(m: nn.Module, batch: Any, fn: LossFn) -> None:
+    """Run a transformed copy before measuring it: forward and backward in train mode, then a
+    forward in eval mode (where some modules take fused paths that read weights directly)."""
+    x = _rem.model_input(batch)
+    try:
+        fn(m(x), batch).backward()
+    except Exception as e:
+        raise _stage("its forward and backward in train mode", e) from e
+    finally:
+        m.zero_grad(set_to_none=True)
+    m.eval()
+    try:
+        with torch.no_grad():
+            m(x)
+    except Exception as e:
+        raise _stage("its forward in eval mode", e) from e
+    finally:
+        m.train()
+
+
+def _try_remedy(
+    r: RemedyResult,
+    make: Callable[[], nn.Module],
+    batch: Any,
+    fn: LossFn,
+    tol: float,
+    steps: int,
+    lr: float,
+    l2: float,
+) -> None:
+    """Fill ``r`` in, or its ``error`` when the remedy does not fit: build, run, measure, train."""
+    try:
+        try:
+            m = make().train()
+        except ValueError as e:  # the remedies' own "does not fit" (no block, no layer)
+            raise _NotApplicable(_first_line(e)) from e
+        except Exception as e:
+            raise _stage("applying it", e) from e
+        _check_runs(m, batch, fn)
+        try:
+            mg = measure_gains(m, batch, fn, jacobian_iters=0)
+        except Exception as e:
+            raise _stage("measuring it", e) from e
+        r.per_layer_gain, r.overall_gain, r.depth_gain = mg.per_layer, mg.overall, mg.depth
+        r.verdict = _verdict(mg.depth, tol)
+        if r.name.startswith("L2"):
+            r.note = "acts during training: the gain at initialization is unchanged"
+        elif mg.overall == 0:
+            r.note = "no gradient reaches the input (dead ReLUs or zero weights)"
+        if steps:
+            try:
+                r.loss_after = _train_loss(m, batch, fn, steps, lr, l2=l2)
+            except Exception as e:
+                raise _stage("training it", e) from e
+    except _NotApplicable as e:
+        r.error = str(e)
 
 
 def _measure_remedies(
@@ -665,39 +1041,27 @@ def _measure_remedies(
     l2: float,
     percentile: float,
 ) -> list[RemedyResult]:
-    results: list[RemedyResult] = []
-    baseline = RemedyResult(
-        "no change (reference)",
-        "(the model as it is)",
-        g.per_layer,
-        g.overall,
-        _verdict(g.overall, tol),
-    )
+    """The reference (unchanged model) first, then every remedy, unranked."""
+    verdict = _verdict(g.depth, tol)
+
+    def unchanged(name: str, how: str) -> RemedyResult:
+        return RemedyResult(
+            name, how, g.per_layer, g.overall, verdict, depth_gain=g.depth
+        )  # fmt: skip
+
+    baseline = unchanged(REFERENCE, "(the model as it is)")
     if steps:
-        baseline.loss_after = _train_loss(copy.deepcopy(base), batch, fn, steps, lr)
-    results.append(baseline)
+        try:
+            baseline.loss_after = _train_loss(copy.deepcopy(base), batch, fn, steps, lr)
+        except Exception as e:
+            baseline.note = f"training it raised {type(e).__name__}: {_first_line(e)}"
+    results = [baseline]
     for name, how, make in _remedy_candidates(base, batch, l2):
         r = RemedyResult(name, how)
-        try:
-            m = make().train()
-            mg = measure_gains(m, batch, fn, jacobian_iters=0)
-            r.per_layer_gain, r.overall_gain = mg.per_layer, mg.overall
-            r.verdict = _verdict(mg.overall, tol)
-            if name.startswith("L2"):
-                r.note = "acts during training: the gain at initialization is unchanged"
-            elif mg.overall == 0:
-                r.note = "no gradient reaches the input (dead ReLUs or zero weights)"
-            if steps:
-                r.loss_after = _train_loss(m, batch, fn, steps, lr, l2=l2 if "L2" in name else 0)
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            r.error = str(e).splitlines()[0]
+        _try_remedy(r, make, batch, fn, tol, steps, lr, l2 if name.startswith("L2") else 0.0)
         results.append(r)
-    clip = RemedyResult(
-        "clip gradient norm",
-        "torch.nn.utils.clip_grad_norm_(model.parameters(), {t:.3g})",
-        g.per_layer,
-        g.overall,
-        _verdict(g.overall, tol),
+    clip = unchanged(
+        "clip gradient norm", "torch.nn.utils.clip_grad_norm_(model.parameters(), {t:.3g})"
     )
     try:
         norms = [_total_grad_norm(copy.deepcopy(base), b, fn) for b in _chunks(batch, 8)]
@@ -709,24 +1073,7 @@ def _measure_remedies(
         )
         if steps:
             clip.loss_after = _train_loss(copy.deepcopy(base), batch, fn, steps, lr, clip=t)
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        clip.error = str(e).splitlines()[0]
+    except Exception as e:
+        clip.error = f"{type(e).__name__}: {_first_line(e)}"
     results.append(clip)
-
-    def off(gain: float) -> float:
-        return abs(math.log(gain)) if gain > 0 and math.isfinite(gain) else math.inf
-
-    def key(r: RemedyResult) -> tuple[int, int, float, float, float]:
-        # A remedy that makes the model healthy first; then the per-layer gain's distance from 1
-        # (rounded, so that float noise does not decide a tie), then the whole depth's gain
-        # (where fewer layers help), then the loss after a few steps.
-        loss = r.loss_after if math.isfinite(r.loss_after) else math.inf
-        return (
-            0 if r.applicable else 1,
-            0 if r.verdict == "healthy" else 1,
-            round(off(r.per_layer_gain), 3),
-            off(r.overall_gain),
-            loss,
-        )
-
-    return sorted(results, key=key)
+    return results
