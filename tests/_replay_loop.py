@@ -92,11 +92,12 @@ def train(
     signal: str = "nonfinite",
     writer: IncidentWriter | None = None,
     scaler: Any = None,
+    rng_fn: Callable[[], dict[str, Any]] = rng_state,
 ) -> Path | None:
     """Train until the first incident; returns the bundle written (``None``: no incident)."""
     writer = writer or IncidentWriter(directory)
     history: list[dict[str, Any]] = []
-    rng = rng_state()  # the guard keeps this from the end of the previous step
+    rng = rng_fn()  # the guard keeps this from the end of the previous step
     names = [n for n, _ in unwrap_model(model).named_parameters()]
     for step in range(steps):
         if before_step is not None:
@@ -143,7 +144,7 @@ def train(
                 "layers": layers,
             }
         )
-        rng = rng_state()
+        rng = rng_fn()
     return None
 
 

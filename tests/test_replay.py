@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gradguard.cli import main
-from gradguard.incident import BundleError, IncidentWriter, load_bundle
+from gradguard.incident import BundleError, IncidentWriter, forward_rng_state, load_bundle
 from gradguard.replay import NotReproducible, ReplayError, replay
 from gradguard.report.incident import build_incident_page, render_incident
 from gradguard.rollback import capture, restore, rng_state, save_snapshot
@@ -24,7 +24,7 @@ def adam(model: nn.Module) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=1e-2)
 
 
-def data_incident(directory: Path, poison: str = "scale") -> Path:
+def data_incident(directory: Path, poison: str = "scale", rng_fn=rng_state) -> Path:
     def data(step: int):
         x, y = L.batch(step)
         if step == 6:
@@ -35,7 +35,7 @@ def data_incident(directory: Path, poison: str = "scale") -> Path:
         return x, y
 
     model = L.mlp()
-    path = L.train(model, adam(model), directory, 10, data=data)
+    path = L.train(model, adam(model), directory, 10, data=data, rng_fn=rng_fn)
     assert path is not None and path.name == "incident-000000006.pt"
     return path
 
@@ -43,9 +43,9 @@ def data_incident(directory: Path, poison: str = "scale") -> Path:
 # -- the five kinds ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("poison", ["scale", "nan"])
-def test_data_names_the_poisoned_row(tmp_path, poison):
-    r = replay(data_incident(tmp_path, poison), lambda: L.mlp(seed=1))
+@pytest.mark.parametrize(("poison", "rng_fn"), [("scale", rng_state), ("nan", forward_rng_state)])
+def test_data_names_the_poisoned_row(tmp_path, poison, rng_fn):
+    r = replay(data_incident(tmp_path, poison, rng_fn), lambda: L.mlp(seed=1))
     assert r.kind == "data", r.summary
     assert r.culprits == [5]
     assert "row 5" in r.summary
@@ -384,3 +384,21 @@ def test_bundle_written_under_ddp_replays_in_one_process(tmp_path):
     assert any("averaged over 2 ranks" in n for n in r.notes)
     clean = replay(paths[0], lambda: L.mlp(seed=5, dropout=0.0))
     assert clean.kind != "data" and clean.culprits == []
+
+
+def test_the_pre_step_rng_state_is_what_makes_dropout_reproduce(tmp_path):
+    """A bundle given the RNG state of after the forward pass replays other dropout masks."""
+    model = L.mlp(dropout=0.5)
+    x, y = L.batch(0)
+    before = forward_rng_state()
+    loss = L.loss_fn(model(x), (x, y))
+    loss.backward()
+    rec = {"loss": loss.detach(), "grad_norm": L.grad_norm(model)}
+    common = dict(step=0, position=0, action="skip", signal="s", reason="r", batch=(x, y),
+                  model=model, optimizer=adam(model), recorded=rec)  # fmt: skip
+    writer = IncidentWriter(tmp_path)
+    right = writer.write(rng=before, **common)
+    wrong = writer.write(rng=forward_rng_state(), **common)
+    assert right is not None and wrong is not None
+    assert replay(right, lambda: L.mlp(seed=1, dropout=0.5)).differs == []
+    assert replay(wrong, lambda: L.mlp(seed=1, dropout=0.5)).kind == "transient"

@@ -60,6 +60,7 @@ __all__ = [
     "Bundle",
     "BundleError",
     "IncidentWriter",
+    "forward_rng_state",
     "load_bundle",
     "plain",
     "unwrap_model",
@@ -158,6 +159,18 @@ def _as_float(v: Any) -> float | None:
         return float(v)
     except (TypeError, ValueError):
         return None
+
+
+def forward_rng_state() -> dict[str, Any]:
+    """The RNG states a forward pass draws from (dropout): torch's CPU and CUDA generators.
+
+    What the guard keeps at the end of every step for the next step's bundle: about a
+    microsecond on a CPU, where :func:`gradguard.rollback.rng_state` (numpy and Python
+    ``random`` too) takes about 100. Pass :func:`~gradguard.rollback.rng_state` instead when the
+    forward pass draws from numpy or ``random``; replay restores whichever was stored.
+    """
+    cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
 # --------------------------------------------------------------------------- the bundle
@@ -436,7 +449,8 @@ class IncidentWriter:
             step, position: the incident's optimizer step and its batch's data position.
             action, signal, reason: what the guard does and why.
             batch: the batch the step ran on (a reference; copied to the CPU here).
-            rng: :func:`gradguard.rollback.rng_state` as it was before this step's forward.
+            rng: the RNG states as they were before this step's forward:
+                :func:`forward_rng_state` (cheap) or :func:`gradguard.rollback.rng_state`.
             model, optimizer, scheduler, scaler: still in the state the step started from.
             history: the last K step rows (host floats; per-layer norms under ``"layers"``).
             config: the guard's configuration as a dict (objects are stored as their repr).

@@ -215,6 +215,16 @@ def _range(t: Tensor) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one forward/backward
 
 
+def _set_rng(state: Mapping[str, Any]) -> None:
+    """Restore a full :func:`rng_state` or the torch-only ``forward_rng_state``."""
+    if {"numpy", "python"} <= set(state):
+        set_rng_state(dict(state))
+        return
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 @dataclass
 class _Run:
     loss: float
@@ -251,7 +261,7 @@ class _Runner:
 
     def __call__(self, batch: Any) -> _Run:
         if self.rng is not None:
-            set_rng_state(dict(self.rng))
+            _set_rng(self.rng)
         with self._autocast():
             out = self.model(model_input(batch))
             loss = self.loss_fn(out, batch)

@@ -144,7 +144,12 @@ def render_incident(result: Any) -> str:
         ["signal", d.get("signal")],
         ["reason", d.get("reason")],
         ["bundle", meta.get("bundle")],
-        ["rank / world size", f"{meta.get('rank')} / {meta.get('world_size')}"],
+        [
+            "rank",
+            f"{meta.get('rank')} of {meta.get('world_size')}"
+            if meta.get("rank") is not None
+            else "single process",
+        ],
         ["versions", json.dumps(meta.get("versions"), sort_keys=True)],
     ]
     notes = "".join(f"<li>{_e(n)}</li>" for n in d.get("notes") or [])
