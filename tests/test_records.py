@@ -19,8 +19,8 @@ from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gradguard.records import SCHEMA_VERSION, Recorder, read_jsonl
-from gradguard.sinks import ConsoleSink, CsvSink, JsonlSink, TensorBoardSink, read_csv
+from gradguard.records import SCHEMA_VERSION, Recorder
+from gradguard.sinks import ConsoleSink, CsvSink, JsonlSink, TensorBoardSink, read_csv, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,9 +80,16 @@ def sample_rows() -> list[dict[str, Any]]:
                 },
             }
         )
-    rows.append(
-        {"v": SCHEMA_VERSION, "kind": "action", "step": 2, "action": "skip", "reason": "nonfinite"}
-    )
+        if s == 2:  # the guard's order: the step row, then the action row that says why
+            rows.append(
+                {
+                    "v": SCHEMA_VERSION,
+                    "kind": "action",
+                    "step": 2,
+                    "action": "skip",
+                    "reason": "nonfinite",
+                }
+            )
     rows.append(
         {
             "v": SCHEMA_VERSION,
@@ -217,10 +224,107 @@ def test_console_prints_one_status_line_per_flush() -> None:
     assert len(status) == 3  # steps 0-5 flushed two steps at a time
     assert status[0] == "step 1  loss 2.25  norm inf  clip 50% (1/2)  skips 0 (total 0)"
     assert status[1] == "step 3  loss 2  norm 0.5  clip 50% (1/2)  skips 1 (total 1)"
-    assert any("step 2: skip (nonfinite)" in ln for ln in lines)
+    # one line for the skip, from the action row that gives the reason (issue 10, 3.13)
+    assert [ln for ln in lines if ln.startswith("step 2: ")] == ["step 2: skip (nonfinite)"]
     assert any("blocks.2" in ln for ln in lines)
     with pytest.raises(TypeError, match="console"):
         ConsoleSink(console=sys.stdout)
+
+
+def _console_lines(batches: list[list[dict[str, Any]]]) -> list[str]:
+    buf = io.StringIO()
+    sink = ConsoleSink(Console(file=buf, width=200, color_system=None))
+    for rows in batches:
+        sink.write(rows)
+    sink.close()
+    return [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+
+
+def _row(step: int, kind: str = "step", **values: Any) -> dict[str, Any]:
+    return {"v": SCHEMA_VERSION, "kind": kind, "step": step, **values}
+
+
+def test_console_prints_each_incident_once_across_flush_boundaries() -> None:
+    skip = _row(5, action="skip", loss=1.0)
+    why = _row(5, "action", action="skip", reason="nonfinite: step not applied")
+    said = "step 5: skip (nonfinite: step not applied)"
+    # the step row ends one flush and its action row opens the next (flush_every hit on log)
+    lines = _console_lines([[_row(4, action="step"), skip], [why], [_row(6, action="step")]])
+    assert [ln for ln in lines if ln.startswith("step 5:")] == [said]
+    # both in one flush
+    lines = _console_lines([[skip, why, _row(6, action="step")]])
+    assert [ln for ln in lines if ln.startswith("step 5:")] == [said]
+    # a loss-scale overflow: a skipping step row and no action row, held one flush, then said
+    amp = _row(7, action="skip")
+    lines = _console_lines([[amp], [_row(8, action="step")]])
+    assert [ln for ln in lines if ln.startswith("step 7:")] == ["step 7: skip"]
+    assert lines.index("step 7: skip") < len(lines) - 1  # before the next flush's status line
+    # ... or at close, when it ended the last flush
+    assert "step 7: skip" in _console_lines([[amp]])
+    # an action row of another action at the same step is another incident
+    lines = _console_lines([[skip, _row(5, "action", action="log", reason="spike")]])
+    assert [ln for ln in lines if ln.startswith("step 5:")] == [
+        "step 5: skip",
+        "step 5: log (spike)",
+    ]
+
+
+@pytest.mark.parametrize("flush_every", [1, 3, 50])
+def test_console_says_each_skip_of_a_real_guard_once(flush_every: int) -> None:
+    from gradguard.guard import Guard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    buf = io.StringIO()
+    rec = Recorder([ConsoleSink(Console(file=buf, width=300, color_system=None))], flush_every)
+    guard = Guard(model, opt, recorder=rec)
+    for s in range(12):
+        x = torch.randn(8, 4)
+        if s in (4, 9):
+            x[0, 0] = float("nan")
+        loss = torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad(set_to_none=True)
+    rec.close()
+    skipped = [r["step"] for r in rec.rows if r["kind"] == "action" and r["action"] == "skip"]
+    assert len(skipped) == 2
+    lines = buf.getvalue().splitlines()
+    for step in skipped:
+        said = [ln for ln in lines if ln.startswith(f"step {step}: skip")]
+        assert len(said) == 1 and "(" in said[0], lines  # once, with the reason
+
+
+def test_read_jsonl_refuses_rows_a_report_cannot_use(tmp_path: Path) -> None:
+    good = {"v": SCHEMA_VERSION, "kind": "step", "step": 3}
+    for bad, what in [
+        ({**good, "step": "x"}, "'step' must be an integer"),
+        ({**good, "step": 2.5}, "'step' must be an integer"),
+        ({**good, "step": True}, "'step' must be an integer"),
+        ({**good, "v": "1"}, "'v' must be an integer"),
+        ({**good, "kind": 7}, "'kind' must be a string"),
+        ([1, 2], "needs the keys"),
+    ]:
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=rf"bad.jsonl:3: .*{what}"):
+            read_jsonl(path)
+
+
+def test_read_jsonl_lives_beside_jsonl_sink_and_keeps_its_old_names() -> None:
+    import gradguard
+    import gradguard.records
+    import gradguard.sinks
+
+    assert gradguard.sinks.read_jsonl.__module__ == "gradguard.sinks"
+    assert gradguard.records.read_jsonl is gradguard.sinks.read_jsonl
+    assert gradguard.read_jsonl is gradguard.sinks.read_jsonl
+    # either module may be imported first, in a fresh interpreter
+    for first in ("gradguard.sinks", "gradguard.records"):
+        code = f"import {first}; from gradguard.records import read_jsonl; print('ok')"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.stdout.strip() == "ok", out.stderr
 
 
 def test_recorder_flushes_every_k_steps_in_one_transfer_with_exact_values() -> None:

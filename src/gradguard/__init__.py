@@ -42,7 +42,6 @@ from gradguard.policies import ZScoreClip as ZScoreClip
 from gradguard.probe import NonFiniteOrigin as NonFiniteOrigin
 from gradguard.probe import Probe as Probe
 from gradguard.records import Recorder as Recorder
-from gradguard.records import read_jsonl as read_jsonl
 from gradguard.response import Budgets as Budgets
 from gradguard.response import GuardAbort as GuardAbort
 from gradguard.rollback import SkipSampler as SkipSampler
@@ -51,6 +50,11 @@ from gradguard.rollback import SnapshotStore as SnapshotStore
 from gradguard.sinks import ConsoleSink as ConsoleSink
 from gradguard.sinks import CsvSink as CsvSink
 from gradguard.sinks import JsonlSink as JsonlSink
+from gradguard.sinks import MlflowSink as MlflowSink
 from gradguard.sinks import TensorBoardSink as TensorBoardSink
+from gradguard.sinks import WandbSink as WandbSink
+from gradguard.sinks import read_csv as read_csv
+from gradguard.sinks import read_jsonl as read_jsonl
 
-__version__ = "0.1.0"
+# The one place the version is written: pyproject.toml reads it from here (setuptools dynamic).
+__version__ = "0.2.0.dev0"

@@ -383,15 +383,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from gradguard.records import read_jsonl
     from gradguard.report import build_report
+    from gradguard.sinks import read_jsonl
 
     path = Path(args.records)
     if not path.is_file():
         raise UsageError(f"records file not found: {args.records}")
     try:
-        rows = read_jsonl(path)
-    except (ValueError, UnicodeDecodeError) as e:
+        rows = read_jsonl(path)  # checks each row's v, kind and step: the report trusts them
+    except (ValueError, UnicodeDecodeError, OSError) as e:
         raise UsageError(f"cannot read records from {args.records}: {e}") from e
     if not rows:
         raise UsageError(f"{args.records} holds no records")

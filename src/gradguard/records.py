@@ -17,7 +17,8 @@ Row schema (version ``SCHEMA_VERSION``): every row has ``v`` (schema version), `
 ``"meta"`` (run metadata). Values are JSON types: numbers, strings, bools, ``None``, and one
 level of dicts of numbers. Non-finite floats stay floats (NaN, inf) in memory and are written
 as the strings ``"nan"``, ``"inf"``, ``"-inf"`` by text sinks. docs/records.md has the full
-table.
+table. The sinks, and :func:`~gradguard.sinks.read_jsonl` that reads the JSONL sink's file
+back, are in :mod:`gradguard.sinks`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+# read_jsonl lives beside JsonlSink; importable from here as before. sinks.py imports nothing
+# from this module at run time, so either module may be imported first.
+from gradguard.sinks import read_jsonl as read_jsonl
 
 SCHEMA_VERSION = 1
 
@@ -144,40 +149,3 @@ class Recorder:
         self.rows = list(rows)
         self._pending = []
         self._pending_steps = set()
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _decode(v) for k, v in value.items()}
-    return value
-
-
-def read_jsonl(path: str | Any) -> list[Row]:
-    """Read rows written by the JSONL sink (``"nan"``/``"inf"`` strings back to floats).
-
-    Raises:
-        ValueError: a line is not JSON, or a row lacks ``v``/``kind``/``step`` or has a newer
-            schema version than this gradguard understands.
-    """
-    import json
-    from pathlib import Path
-
-    rows: list[Row] = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-        if not isinstance(row, dict) or not {"v", "kind", "step"} <= row.keys():
-            raise ValueError(f"{path}:{n}: a record needs the keys v, kind and step")
-        if int(row["v"]) > SCHEMA_VERSION:
-            raise ValueError(
-                f"{path}:{n}: record schema v{row['v']} is newer than this gradguard "
-                f"understands (v{SCHEMA_VERSION}); upgrade gradguard"
-            )
-        rows.append({k: _decode(v) for k, v in row.items()})
-    return rows

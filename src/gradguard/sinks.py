@@ -1,9 +1,11 @@
-"""Sinks: where flushed record rows go (JSONL, CSV, TensorBoard, a rich console line).
+"""Sinks: where flushed record rows go (JSONL, CSV, TensorBoard, W&B, MLflow, a console line).
 
 A sink is any object with ``write(rows)`` and ``close()`` (:class:`gradguard.records.Sink`);
 :class:`~gradguard.records.Recorder` hands every flush to each of its sinks as host rows (plain
 numbers, strings, bools, ``None`` and one level of dicts), so a sink never touches the device.
-The row schema is in :mod:`gradguard.records` and docs/records.md.
+The row schema is in :mod:`gradguard.records` and docs/records.md. The metric sinks
+(TensorBoard, Weights & Biases, MLflow) share one mapping from rows to metric names, so a run
+looks the same in each.
 
 Example:
     >>> rec = Recorder([JsonlSink("run.jsonl"), TensorBoardSink("tb/"), ConsoleSink()])
@@ -16,12 +18,25 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from gradguard.records import Row
+if TYPE_CHECKING:
+    # Only a type here: records.py re-exports read_jsonl from this module, so a runtime import
+    # in this direction would make the two modules' import order matter.
+    from gradguard.records import Row
 
-__all__ = ["ConsoleSink", "CsvSink", "JsonlSink", "TensorBoardSink", "read_csv"]
+__all__ = [
+    "ConsoleSink",
+    "CsvSink",
+    "JsonlSink",
+    "MlflowSink",
+    "TensorBoardSink",
+    "WandbSink",
+    "read_csv",
+    "read_jsonl",
+]
 
 _FIXED = ("v", "kind", "step")
 
@@ -46,8 +61,8 @@ def _check_path(name: str, path: Any) -> Path:
 class JsonlSink:
     """One JSON object per row and line: the default, lossless format.
 
-    Non-finite floats become ``"nan"``/``"inf"``/``"-inf"`` (strict JSON);
-    :func:`gradguard.records.read_jsonl` turns them back. The file is flushed after every
+    Non-finite floats become ``"nan"``/``"inf"``/``"-inf"`` (strict JSON); :func:`read_jsonl`
+    turns them back. The file is flushed after every
     write, so another process (a report, ``tail -f``) sees complete lines.
 
     Args:
@@ -77,6 +92,67 @@ class JsonlSink:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[Row]:
+    """Read the rows a :class:`JsonlSink` wrote, with ``"nan"``/``"inf"`` strings back as floats.
+
+    Every row is checked the way a report relies on it: a JSON object with an integer ``v``
+    (schema version, not newer than this gradguard's), a string ``kind`` and an integer
+    ``step``. Blank lines are ignored.
+
+    Args:
+        path: the JSONL file.
+
+    Returns:
+        The rows, in file order.
+
+    Raises:
+        ValueError: a line is not JSON or not a valid record (the message names the file and
+            line), or its schema version is newer than this gradguard understands.
+        OSError: the file cannot be read.
+
+    Example:
+        >>> rows = read_jsonl("runs/exp1.jsonl")
+        >>> [r["step"] for r in rows if r["kind"] == "action"]
+    """
+    from gradguard.records import SCHEMA_VERSION
+
+    p = _check_path("path", path)
+    rows: list[Row] = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+        if not isinstance(row, dict) or not {"v", "kind", "step"} <= row.keys():
+            raise ValueError(f"{path}:{n}: a record needs the keys v, kind and step")
+        for key in ("v", "step"):
+            if not _is_int(row[key]):
+                raise ValueError(f"{path}:{n}: {key!r} must be an integer, got {row[key]!r}")
+        if not isinstance(row["kind"], str):
+            raise ValueError(f"{path}:{n}: 'kind' must be a string, got {row['kind']!r}")
+        if row["v"] > SCHEMA_VERSION:
+            raise ValueError(
+                f"{path}:{n}: record schema v{row['v']} is newer than this gradguard "
+                f"understands (v{SCHEMA_VERSION}); upgrade gradguard"
+            )
+        rows.append({k: _decode(v) for k, v in row.items()})
+    return rows
 
 
 def _flatten(row: Row) -> dict[str, Any]:
@@ -209,7 +285,7 @@ def read_csv(path: str | os.PathLike[str]) -> list[Row]:
     return out
 
 
-# Tags for the step row's numbers; other numbers go under "step/<key>".
+# Metric names for the step row's numbers; other numbers go under "step/<key>".
 _STEP_TAGS = {
     "grad_norm": "grad/total_norm",
     "clipped_norm": "grad/clipped_norm",
@@ -219,6 +295,8 @@ _STEP_TAGS = {
     "lr": "train/lr",
 }
 _TEXT_KEYS = ("action", "reason", "event", "module", "where", "message")
+_METRIC_PREFIXES = ("grad", "train", "step", "layers")  # every name metrics() makes
+_QUIET_ACTIONS = (None, "step")  # a plain step is no event
 
 
 def _is_number(v: Any) -> bool:
@@ -230,23 +308,83 @@ def _layer_tag(key: str, name: str) -> str:
     return f"layers/{name}/{'grad_norm' if key == 'layers' else key}"
 
 
+def _is_scalar_row(row: Row) -> bool:
+    kind = row.get("kind")
+    return kind == "step" or (kind == "probe" and row.get("event") == "layers")
+
+
+def metrics(row: Row) -> dict[str, float]:
+    """The metrics of one row, under the names every metric sink uses.
+
+    Step rows: ``grad_norm`` -> ``grad/total_norm``, ``clipped_norm`` -> ``grad/clipped_norm``,
+    ``threshold`` -> ``grad/threshold``, ``clipped`` -> ``grad/clipped`` (0/1), ``loss`` ->
+    ``train/loss``, ``lr`` -> ``train/lr``, any other number -> ``step/<key>``. Per-layer dicts
+    of step rows and of the probe's ``event="layers"`` rows: ``layers`` ->
+    ``layers/<name>/grad_norm``, any other dict ``<stat>`` -> ``layers/<name>/<stat>``. Other
+    rows (actions, probe findings, diagnosis, meta) have no metrics: they are events.
+
+    Args:
+        row: a host row.
+
+    Returns:
+        ``{name: value}``, empty for an event row.
+
+    Example:
+        >>> metrics({"v": 1, "kind": "step", "step": 3, "grad_norm": 2.0, "clipped": True})
+        {'grad/total_norm': 2.0, 'grad/clipped': 1.0}
+    """
+    if not _is_scalar_row(row):
+        return {}
+    step_row = row.get("kind") == "step"
+    out: dict[str, float] = {}
+    for key, value in row.items():
+        if key in _FIXED:
+            continue
+        if isinstance(value, dict):
+            for name, v in value.items():
+                if _is_number(v):
+                    out[_layer_tag(key, str(name))] = float(v)
+        elif step_row and _is_number(value):
+            out[_STEP_TAGS.get(key, f"step/{key}")] = float(value)
+    return out
+
+
+def _event(row: Row) -> tuple[str, str] | None:
+    """``(name, text)`` for a row that is (or carries) an event, else ``None``.
+
+    A step row's ``action`` other than a plain step is an event named ``guard/action``; every
+    non-metric row is one named ``<kind>/<event or action or kind>``, its text the readable
+    fields or, lacking them, the row's JSON.
+    """
+    if _is_scalar_row(row):
+        action = row.get("action")
+        if row.get("kind") != "step" or action in _QUIET_ACTIONS or not isinstance(action, str):
+            return None
+        reason = row.get("reason")
+        return "guard/action", f"{action}: {reason}" if reason else action
+    kind = str(row.get("kind"))
+    fields = [f"**{k}**: {row[k]}" for k in _TEXT_KEYS if row.get(k) not in (None, "")]
+    body = "  \n".join(fields) if fields else json.dumps(_encode(row))
+    return f"{kind}/{row.get('event') or row.get('action') or kind}", body
+
+
 class TensorBoardSink:
     """Real TensorBoard event files, via ``torch.utils.tensorboard.SummaryWriter``.
 
-    Scalars (step rows): ``grad_norm`` -> ``grad/total_norm``, ``clipped_norm`` ->
-    ``grad/clipped_norm``, ``threshold`` -> ``grad/threshold``, ``clipped`` -> ``grad/clipped``
-    (0/1), ``loss`` -> ``train/loss``, ``lr`` -> ``train/lr``, any other number ->
-    ``step/<key>``. Per-layer dicts of step rows and of the probe's ``event="layers"`` rows:
-    ``layers`` -> ``layers/<name>/grad_norm``, any other dict ``<stat>`` ->
-    ``layers/<name>/<stat>`` (``act_rms``, ``dead_frac``, ...). Text: a step row's ``action``
-    when it is not a plain ``"step"`` (tag ``guard/action``), and every other row (actions,
-    probe findings, diagnosis, meta) under ``<kind>/<event or action or kind>``, as its
-    readable fields or, lacking them, its JSON. Needs the ``tensorboard`` package.
+    Scalars are the rows' :func:`metrics` (``grad/total_norm``, ``train/loss``,
+    ``layers/<name>/grad_norm``, ...). Text: a step row's ``action`` when it is not a plain
+    ``"step"`` (tag ``guard/action``), and every other row (actions, probe findings, diagnosis,
+    meta) under ``<kind>/<event or action or kind>``, as its readable fields or, lacking them,
+    its JSON. Needs the ``tensorboard`` package.
 
     Args:
         logdir: the run's folder (``tensorboard --logdir`` it or its parent).
         flush_secs: how often the writer flushes to disk on its own (>= 1); every ``write``
             flushes too.
+
+    Raises:
+        ValueError: ``flush_secs`` is not an int >= 1.
+        ImportError: tensorboard is not installed.
 
     Example:
         >>> rec = Recorder([TensorBoardSink("runs/exp1")])
@@ -265,35 +403,186 @@ class TensorBoardSink:
         self._writer: Any = SummaryWriter(log_dir=str(self.logdir), flush_secs=flush_secs)
 
     def write(self, rows: list[Row]) -> None:
+        """Add every row's scalars and text at the row's step, then flush."""
         if self._writer is None:
             raise ValueError(f"TensorBoardSink({str(self.logdir)!r}) is closed")
         w = self._writer
         for row in rows:
-            step, kind = int(row["step"]), str(row["kind"])
-            if kind == "step" or (kind == "probe" and row.get("event") == "layers"):
-                for key, value in row.items():
-                    if key in _FIXED:
-                        continue
-                    if isinstance(value, dict):
-                        for name, v in value.items():
-                            if _is_number(v):
-                                w.add_scalar(_layer_tag(key, str(name)), float(v), step)
-                    elif kind == "step" and _is_number(value):
-                        w.add_scalar(_STEP_TAGS.get(key, f"step/{key}"), float(value), step)
-                action = row.get("action")
-                if kind == "step" and isinstance(action, str) and action != "step":
-                    reason = row.get("reason")
-                    w.add_text("guard/action", f"{action}: {reason}" if reason else action, step)
-                continue
-            fields = [f"**{k}**: {row[k]}" for k in _TEXT_KEYS if row.get(k) not in (None, "")]
-            body = "  \n".join(fields) if fields else json.dumps(_encode(row))
-            w.add_text(f"{kind}/{row.get('event') or row.get('action') or kind}", body, step)
+            step = int(row["step"])
+            for tag, value in metrics(row).items():
+                w.add_scalar(tag, value, step)
+            event = _event(row)
+            if event is not None:
+                w.add_text(event[0], event[1], step)
         w.flush()
 
     def close(self) -> None:
+        """Flush and close the event file; later writes raise."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _event_rows(rows: list[Row]) -> list[Row]:
+    """The rows a metric sink keeps as events: every row that is not a metric row."""
+    return [r for r in rows if not _is_scalar_row(r)]
+
+
+class WandbSink:
+    """Weights & Biases: the rows' :func:`metrics` as a run's history, events as a JSONL file.
+
+    Metrics are logged against the custom x-axis ``guard/step`` (the row's step) rather than
+    W&B's own step, which must only grow: after a rollback the guard's step goes back, and W&B
+    would drop those points. The x-axis is set for gradguard's metric names only (``grad/*``,
+    ``train/*``, ``step/*``, ``layers/*``), so a run you pass in keeps its own for the rest.
+    The other rows (guard actions, probe findings, incidents, diagnosis, meta) are appended,
+    in the :class:`JsonlSink` format, to ``gradguard-events.jsonl`` in the run's files, so
+    :func:`read_jsonl` reads them back from the run (or its download) and a report can be
+    rebuilt from it. Needs the ``wandb`` package (``pip install 'gradguard[wandb]'``);
+    ``WANDB_MODE=offline`` keeps everything on disk.
+
+    Args:
+        run: a run from ``wandb.init(...)``; the sink logs to it and leaves finishing it to
+            you. When None, the sink starts one with ``wandb.init(**init_kwargs)`` and finishes
+            it on :meth:`close`.
+        **init_kwargs: passed to ``wandb.init`` when ``run`` is None (``project``, ``dir``,
+            ``mode``, ``config``, ...).
+
+    Raises:
+        ImportError: wandb is not installed.
+        TypeError: both ``run`` and ``init_kwargs`` were given.
+
+    Example:
+        >>> rec = Recorder([JsonlSink("run.jsonl"), WandbSink(project="my-run", mode="offline")])
+    """
+
+    STEP_METRIC = "guard/step"
+    EVENTS_FILE = "gradguard-events.jsonl"
+
+    def __init__(self, run: Any = None, **init_kwargs: Any) -> None:
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("WandbSink needs the wandb package: pip install wandb") from e
+        if run is not None and init_kwargs:
+            raise TypeError("give either a run or wandb.init keyword arguments, not both")
+        self._owns_run = run is None
+        self.run: Any = wandb.init(**init_kwargs) if run is None else run
+        self.run.define_metric(self.STEP_METRIC)
+        # Only gradguard's names: a run the user passes in keeps its own metrics' x-axis.
+        for prefix in _METRIC_PREFIXES:
+            self.run.define_metric(f"{prefix}/*", step_metric=self.STEP_METRIC)
+        self.events_path = Path(self.run.dir) / self.EVENTS_FILE
+        self._closed = False
+
+    def write(self, rows: list[Row]) -> None:
+        """Log each row's metrics (one history entry per row) and append its events."""
+        if self._closed:
+            raise ValueError("WandbSink is closed")
+        for row in rows:
+            values = metrics(row)
+            if values:
+                self.run.log({self.STEP_METRIC: int(row["step"]), **values})
+        events = _event_rows(rows)
+        if events:
+            with self.events_path.open("a", encoding="utf-8") as f:
+                for r in events:
+                    f.write(json.dumps(_encode(r), allow_nan=False) + "\n")
+            # "live": W&B uploads the file again whenever it changes (online runs).
+            self.run.save(str(self.events_path), base_path=self.run.dir, policy="live")
+
+    def close(self) -> None:
+        """Finish the run if the sink started it; later writes raise."""
+        if not self._closed:
+            self._closed = True
+            if self._owns_run:
+                self.run.finish()
+
+
+class MlflowSink:
+    """MLflow: the rows' :func:`metrics` as run metrics, events as a JSONL artifact.
+
+    Each flush is one ``log_batch`` call (in chunks of MLflow's 1,000-metric limit) with the
+    row's step as the metric step; MLflow keeps every value, also a repeated step after a
+    rollback. MLflow's SQL stores (sqlite, ...) keep an infinite value as the largest finite
+    float (``1.797e308``); the JSONL sink keeps it exact. The other rows (guard actions, probe
+    findings, incidents, diagnosis, meta) go, in the :class:`JsonlSink` format, to the
+    artifact ``gradguard/events.jsonl``, rewritten when new events come (they are rare), so
+    :func:`read_jsonl` reads them back from a download of the artifact. Needs the ``mlflow``
+    package (``pip install 'gradguard[mlflow]'``).
+
+    Args:
+        run_id: the run to log to; when None, a run is started (in ``experiment``, or MLflow's
+            default one) and ended with the status ``FINISHED`` on :meth:`close`.
+        tracking_uri: where MLflow stores runs (``"sqlite:///mlflow.db"``, a folder, a
+            server); MLflow's default (``MLFLOW_TRACKING_URI``, else ``./mlruns``) when None.
+        experiment: the experiment name for a run the sink starts (created if missing).
+        run_name: the name of a run the sink starts.
+
+    Raises:
+        ImportError: mlflow is not installed.
+        TypeError: ``experiment`` or ``run_name`` was given with an existing ``run_id``.
+
+    Example:
+        >>> sink = MlflowSink(tracking_uri="sqlite:///mlflow.db", experiment="exp1")
+        >>> rec = Recorder([JsonlSink("run.jsonl"), sink])
+    """
+
+    EVENTS_ARTIFACT = "gradguard/events.jsonl"
+    _BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+    def __init__(
+        self,
+        run_id: str | None = None,
+        *,
+        tracking_uri: str | None = None,
+        experiment: str | None = None,
+        run_name: str | None = None,
+    ) -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError as e:
+            raise ImportError("MlflowSink needs the mlflow package: pip install mlflow") from e
+        if run_id is not None and (experiment is not None or run_name is not None):
+            raise TypeError("experiment and run_name are for a run the sink starts, not run_id")
+        self.client: Any = MlflowClient(tracking_uri=tracking_uri)
+        self._owns_run = run_id is None
+        if run_id is None:
+            exp_id = "0"
+            if experiment is not None:
+                found = self.client.get_experiment_by_name(experiment)
+                exp_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        self.run_id: str = run_id
+        self._events: list[str] = []
+        self._closed = False
+
+    def write(self, rows: list[Row]) -> None:
+        """Log every row's metrics in batches and rewrite the events artifact if events came."""
+        from mlflow.entities import Metric
+
+        if self._closed:
+            raise ValueError(f"MlflowSink({self.run_id!r}) is closed")
+        # One timestamp per flush: the rows were measured on the device before this moment.
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, value, now, int(row["step"]))
+            for row in rows
+            for key, value in metrics(row).items()
+        ]
+        for i in range(0, len(batch), self._BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + self._BATCH])
+        events = _event_rows(rows)
+        if events:
+            self._events += [json.dumps(_encode(r), allow_nan=False) for r in events]
+            self.client.log_text(self.run_id, "\n".join(self._events) + "\n", self.EVENTS_ARTIFACT)
+
+    def close(self) -> None:
+        """End the run if the sink started it; later writes raise."""
+        if not self._closed:
+            self._closed = True
+            if self._owns_run:
+                self.client.set_terminated(self.run_id, "FINISHED")
 
 
 def _fmt(x: Any) -> str:
@@ -307,12 +596,18 @@ def _fmt(x: Any) -> str:
 class ConsoleSink:
     """A rich status line per flush: last step, loss, gradient norm, clip rate, skips.
 
-    One line per flush (never per step), plus one line per guard action other than a plain
-    step and per probe finding, so a long run's terminal stays readable.
+    One line per flush (never per step), plus one line per incident (a guard action other
+    than a plain step or a clip) and per probe finding, so a long run's terminal stays
+    readable. The guard records an incident twice, as the step row's ``action`` and as the
+    ``kind="action"`` row that follows it with the reason; the sink prints the second (it says
+    why), and the step row alone only when no action row follows (a loss-scale overflow).
 
     Args:
         console: a ``rich.console.Console`` (e.g. ``Console(file=...)``, ``Console(stderr=True)``);
             a new one writing to stdout when None.
+
+    Raises:
+        TypeError: ``console`` is not a rich Console.
 
     Example:
         ``step 1200  loss 2.314  norm 0.871  clip 12% (6/50)  skips 1 (total 3)``
@@ -326,22 +621,46 @@ class ConsoleSink:
         self.console = console if console is not None else Console()
         self.total_steps = 0
         self.total_skips = 0
+        # A step row's incident that ended a flush: its action row may open the next one.
+        self._held: Row | None = None
 
-    def write(self, rows: list[Row]) -> None:
+    @staticmethod
+    def _incident(row: Row) -> bool:
+        kind, action = row.get("kind"), row.get("action")
+        if kind == "action":
+            return True
+        return kind == "step" and action not in (None, "step", "clip")
+
+    def _say(self, row: Row) -> None:
         from rich.markup import escape
 
-        steps = [r for r in rows if r.get("kind") == "step"]
-        for r in rows:
-            kind = r.get("kind")
-            if kind == "action" or (kind == "step" and r.get("action") not in (None, "step")):
-                if kind == "step" and r.get("action") == "clip":
+        if row.get("kind") == "probe":
+            msg = row.get("message") or f"{row.get('event')} in {row.get('module')}"
+            self.console.print(f"[red]{escape(str(msg))}[/red]", highlight=False)
+            return
+        reason = f" ({row['reason']})" if row.get("reason") else ""
+        text = escape(f"step {row['step']}: {row.get('action')}{reason}")
+        self.console.print(f"[yellow]{text}[/yellow]", highlight=False)
+
+    def write(self, rows: list[Row]) -> None:
+        """Print the flush's incidents and findings, then its status line."""
+        from rich.markup import escape
+
+        said = [r for r in rows if self._incident(r) or
+                (r.get("kind") == "probe" and r.get("event") != "layers")]  # fmt: skip
+        held, self._held = self._held, None
+        if held is not None:
+            said.insert(0, held)
+        for i, r in enumerate(said):
+            if r.get("kind") == "step":  # an incident the step row carries
+                nxt = said[i + 1] if i + 1 < len(said) else None
+                if nxt is None and r is not held:
+                    self._held = r  # its action row may open the next flush
                     continue
-                reason = f" ({r['reason']})" if r.get("reason") else ""
-                text = escape(f"step {r['step']}: {r.get('action')}{reason}")
-                self.console.print(f"[yellow]{text}[/yellow]", highlight=False)
-            elif kind == "probe" and r.get("event") != "layers":
-                msg = r.get("message") or f"{r.get('event')} in {r.get('module')}"
-                self.console.print(f"[red]{escape(str(msg))}[/red]", highlight=False)
+                if nxt is not None and self._same_incident(r, nxt):
+                    continue  # the action row after it says the same, with the reason
+            self._say(r)
+        steps = [r for r in rows if r.get("kind") == "step"]
         if not steps:
             return
         last = steps[-1]
@@ -358,5 +677,16 @@ class ConsoleSink:
         parts.append(f"skips {skips} (total {self.total_skips})")
         self.console.print(escape("  ".join(parts)), highlight=False)
 
+    @staticmethod
+    def _same_incident(step_row: Row, other: Row) -> bool:
+        return (
+            other.get("kind") == "action"
+            and other.get("step") == step_row.get("step")
+            and other.get("action") == step_row.get("action")
+        )
+
     def close(self) -> None:
-        return None
+        """Print an incident still held back (its action row never came)."""
+        if self._held is not None:
+            self._say(self._held)
+            self._held = None

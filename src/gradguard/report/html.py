@@ -17,12 +17,21 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from gradguard.records import Row, read_jsonl
+from gradguard.records import Row
 from gradguard.report.figures import render_figures
+from gradguard.sinks import read_jsonl
 
 __all__ = ["build_report", "render_html"]
 
 _MAX_INCIDENTS = 500
+
+# Shown wherever the records carry both numbers, which readers otherwise take for one.
+STEP_VS_POSITION = (
+    "step: the guard's count of optimizer steps, applied or attempted (a skipped step keeps "
+    "its number; a rollback sets it back to the snapshot's). position: the index of the data "
+    "batch in the stream. The two differ after a rollback (the replay reuses step numbers on "
+    "later batches) and after skipped batches (a batch skipped on replay takes no step)."
+)
 
 
 def _e(value: Any) -> str:
@@ -172,6 +181,8 @@ def _incidents(rows: list[Row]) -> str:
         if len(found) > _MAX_INCIDENTS
         else ""
     )
+    if any("position" in r for r in shown):
+        note += f"<p class='muted' id='step-vs-position'>{_e(STEP_VS_POSITION)}</p>"
     return f"<h2>Incidents</h2>{note}{_generic(shown)}"
 
 
@@ -224,6 +235,11 @@ def build_report(
     Returns:
         ``out_path`` as a ``Path``.
 
+    Raises:
+        TypeError: ``rows_or_jsonl_path`` is neither a list nor a path.
+        ValueError: a row is not a record (a dict with ``kind`` and an integer ``step``), or
+            the JSONL file holds a line that is not one (see :func:`gradguard.read_jsonl`).
+
     Example:
         >>> build_report("runs/exp1.jsonl", "runs/exp1.html")
     """
@@ -239,6 +255,8 @@ def build_report(
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or "kind" not in r or "step" not in r:
             raise ValueError(f"rows[{i}] is not a record (a dict with 'kind' and 'step')")
+        if isinstance(r["step"], bool) or not isinstance(r["step"], int):
+            raise ValueError(f"rows[{i}]['step'] must be an integer, got {r['step']!r}")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(rows, title), encoding="utf-8")
