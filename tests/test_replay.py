@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -402,3 +404,17 @@ def test_the_pre_step_rng_state_is_what_makes_dropout_reproduce(tmp_path):
     assert right is not None and wrong is not None
     assert replay(right, lambda: L.mlp(seed=1, dropout=0.5)).differs == []
     assert replay(wrong, lambda: L.mlp(seed=1, dropout=0.5)).kind == "transient"
+
+
+def test_the_worked_example_in_the_docs_runs_and_prints_what_it_says(tmp_path, monkeypatch):
+    doc = (Path(__file__).parents[1] / "docs" / "replay.md").read_text("utf-8")
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = doc.split("It prints:\n\n```\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    monkeypatch.chdir(tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    assert out == printed
+    assert json.loads((tmp_path / "incident-30.json").read_text())["culprits"] == [11]

@@ -491,7 +491,7 @@ class IncidentWriter:
         target = self.path(step)
         try:
             save_snapshot(target, snap)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk so
             self.errors.append(f"step {step}: {e}")
             log.warning("gradguard: incident bundle for step %d not written: %s", step, e)
             return None
