@@ -57,11 +57,11 @@ def mlp(depth: int, width: int, act: type[nn.Module] = nn.ReLU, std: float | Non
     return nn.Sequential(*mods)
 
 
-def loss_tier(r: RemedyResult, ref: float, tol: float) -> int:
+def loss_tier(r: RemedyResult, ref: float, tol: float, by_loss: bool = True) -> int:
     """The documented tiers, written out plainly: 0 no worse than no change, 1 worse, 2 blew up."""
     if math.isnan(r.loss_after) or math.isinf(r.loss_after):
         return 2
-    if math.isfinite(ref) and r.loss_after > ref + tol * abs(ref):
+    if by_loss and math.isfinite(ref) and r.loss_after > ref + tol * abs(ref):
         return 1
     return 0
 
@@ -79,7 +79,10 @@ def assert_follows_the_ranking_rule(d: Diagnosis) -> None:
         return (r.verdict != "healthy", round(off(r.per_layer_gain), 3), off(r.depth_gain))
 
     for a, b in itertools.pairwise(applicable):
-        ta, tb = (loss_tier(r, ref.loss_after, d.loss_tolerance) if d.steps else 0 for r in (a, b))
+        ta, tb = (
+            loss_tier(r, ref.loss_after, d.loss_tolerance, d.by_loss) if d.steps else 0
+            for r in (a, b)
+        )
         assert ta <= tb, (a.name, b.name)
         if ta == tb == 1:
             assert a.loss_after <= b.loss_after, (a.name, b.name)
@@ -453,6 +456,12 @@ def test_ranking_without_training_or_with_a_blown_up_reference() -> None:
     ref = result("no change (reference)", math.inf, gain=3.0, verdict="exploding")
     ranked = rank_remedies([ref, result("x", 9.0, 1.4), result("y", 2.0, 1.1)], ref)
     assert [r.name for r in ranked] == ["y", "x", "no change (reference)"]
+    # A loss that is no objective (a bare batch's output.pow(2).mean()): gains decide, but a
+    # remedy that blows up still ranks last.
+    ref = result("no change (reference)", 0.05, gain=0.2, verdict="vanishing")
+    res, nan = result("residual", 9.0, 1.02), result("nan", math.nan, 1.0)
+    ranked = rank_remedies([nan, ref, res], ref, by_loss=False)
+    assert [r.name for r in ranked] == ["residual", "no change (reference)", "nan"]
 
 
 def test_diagnose_ranks_by_the_loss_after_training() -> None:
@@ -539,3 +548,14 @@ def test_a_remedy_that_breaks_the_model_is_not_applicable_and_says_why(
         assert "'Sequential' object has no attribute 'weight'" in err
     assert by_name["kaiming init"].applicable and by_name["xavier init"].applicable
     assert f"batch norm: not applicable: {stage} raised" in d.summary()
+
+
+def test_a_bare_batch_has_no_objective_to_rank_by() -> None:
+    torch.manual_seed(0)
+    model = mlp(20, 32, nn.Sigmoid)
+    d = gradguard.diagnose(model, torch.randn(16, 32), steps=2, jacobian_iters=0)
+    assert not d.by_loss and d.steps == 2
+    assert d.remedies[0].name == "residual connections"  # the gain fix, whatever its output^2
+    assert_follows_the_ranking_rule(d)
+    d = gradguard.diagnose(model, torch.randn(16, 32), default_loss, steps=1, remedies=False)
+    assert d.by_loss  # an explicit loss_fn is an objective

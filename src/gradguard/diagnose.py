@@ -13,17 +13,30 @@ on a copy of the model, before any training:
   output. Their gains multiply to the whole depth's gain.
 * **gain** of a segment: the L2 norm of the loss gradient at its start over the norm at its end.
   Norms rather than RMS, so that a change of width is not counted as growth (a Kaiming-initialized
-  ReLU layer has gain ~1 whatever its fan-in and fan-out).
-* **per-layer gain**: the geometric mean of the segment gains, ``overall ** (1 / n_layers)``.
+  ReLU layer has gain ~1 whatever its fan-in, fan-out or stride).
+* **shape changes**: a parameter-free module between two layers that changes the number of
+  elements (average pooling, upsampling) scales the gradient once, whatever the depth: global
+  average pooling over ``S`` positions divides the norm by ``sqrt(S)``. Its gain is measured
+  apart (``LayerStats.shape_gain``) and left out of the segment's gain, so that a healthy CNN
+  with pooling is not called vanishing. Flatten and reshapes keep the number of elements and
+  max pooling keeps the norm; functional pooling in a ``forward`` is not a module and stays in.
+* **depth gain**: the product of the segment gains (shape changes left out); **overall gain**:
+  the gradient norm at the input over the norm at the output, as measured (the two are equal
+  without shape changes). **per-layer gain**: ``depth ** (1 / n_layers)``, the geometric mean.
 * **Jacobian norm**: an estimate of each segment's Jacobian spectral norm on the recorded input,
   by power iteration with double-backward products (``J v`` and ``J^T u``); over a batch the
   Jacobian is block-diagonal for per-sample layers, so this is the largest per-sample value.
 
-The verdict is "exploding" when the gradient at the input is more than ``tolerance`` times its size
-at the output, "vanishing" when it is less than ``1 / tolerance`` times, else "healthy". Each
-remedy of :mod:`gradguard.remedies` is then applied to a fresh copy and measured the same way,
-and ranked: those that make the model healthy first, then by how close the per-layer gain
-gets to 1.
+Norms are measured by :mod:`gradguard.norms` (in float64, so a vanished gradient does not
+underflow) and the clipping remedy clips with :func:`gradguard.clip.clip_grad_norm_`.
+
+The verdict is "exploding" when the depth gain is above ``tolerance``, "vanishing" when it is
+below ``1 / tolerance``, else "healthy". Each remedy of :mod:`gradguard.remedies` is then
+applied to a fresh copy, run once in train and eval mode (a remedy that breaks the model is
+reported as not applicable, with the reason), measured the same way, trained for a few SGD
+steps, and ranked by :func:`rank_remedies`: a remedy that trains worse than no change never
+ranks above it, one whose loss blows up ranks last, and otherwise those that make the model
+healthy come first, then those whose per-layer gain gets closest to 1.
 """
 
 from __future__ import annotations
@@ -155,6 +168,14 @@ class Diagnosis:
         shape_gain: ``overall_gain / depth_gain``: what the shape changes contribute, once.
         loss_tolerance: how much worse than no change a remedy's loss may be before it ranks
             below it (relative).
+        by_loss: whether the ranking compared losses with no change's (False for a bare tensor
+            batch without ``loss_fn``: the default loss there is no training objective).
+
+    Example:
+        >>> d = gradguard.diagnose(model, (x, y))
+        >>> d.verdict, d.worst_layer.name
+        ('vanishing', '4')
+        >>> rows = d.to_rows(step=0)  # for gradguard.report.build_report
     """
 
     layers: list[LayerStats]
@@ -170,9 +191,14 @@ class Diagnosis:
     depth_gain: float = math.nan
     shape_gain: float = 1.0
     loss_tolerance: float = 0.05
+    by_loss: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python values (JSON-ready except for non-finite floats)."""
+        """Plain Python values (JSON-ready except for non-finite floats).
+
+        Returns:
+            The fields as nested dicts and lists; each remedy also carries ``applicable``.
+        """
         d = asdict(self)
         for r, obj in zip(d["remedies"], self.remedies):
             r["applicable"] = obj.applicable
@@ -185,7 +211,14 @@ class Diagnosis:
         return max(finite, key=lambda s: abs(math.log(s.gain))) if finite else None
 
     def summary(self) -> str:
-        """A plain-text report: verdict, per-layer table and ranked remedies."""
+        """A plain-text report: verdict, per-layer table and ranked remedies.
+
+        Returns:
+            Lines of text: the verdict and its message, the forward gain, the layer farthest
+            from 1, one table row per layer (with the shape change after it, if any), then the
+            applicable remedies best first (marked when they trained worse than no change or
+            blew up) and the inapplicable ones as ``name: not applicable: why``.
+        """
         lines = [f"verdict: {self.verdict.upper()}", self.message]
         if math.isfinite(self.forward_gain):
             lines.append(
@@ -218,7 +251,7 @@ class Diagnosis:
                     continue
                 rank += 1
                 trained = f", loss after {self.steps} SGD steps {r.loss_after:.3g}"
-                tier = _loss_tier(r, ref_loss, self.loss_tolerance, self.steps > 0)
+                tier = _loss_tier(r, ref_loss, self.loss_tolerance, self.steps > 0, self.by_loss)
                 if tier == 1:
                     trained += " (worse than no change)"
                 elif tier == 2:
@@ -235,8 +268,15 @@ class Diagnosis:
         return "\n".join(lines)
 
     def to_rows(self, step: int = 0) -> list[Row]:
-        """Records rows (kind ``"diagnosis"``): one ``part="verdict"`` row, one ``part="layer"``
-        row per layer and one ``part="remedy"`` row per remedy (rank 0: not applicable)."""
+        """Records rows (kind ``"diagnosis"``) for the report and the sinks.
+
+        Args:
+            step: the training step the diagnosis belongs to.
+
+        Returns:
+            One ``part="verdict"`` row, one ``part="layer"`` row per layer and one
+            ``part="remedy"`` row per remedy, in ranking order (``rank`` 0: not applicable).
+        """
         base = {"v": SCHEMA_VERSION, "kind": "diagnosis", "step": int(step)}
         worst = self.worst_layer
         rows: list[Row] = [
@@ -288,6 +328,20 @@ def default_loss(output: Any, batch: Any) -> Tensor:
     ``(x, y)`` with an integer ``y``: cross-entropy; with a floating ``y`` of the output's shape:
     mean squared error; a bare tensor batch: ``output.pow(2).mean()`` (its gradient is the output
     itself, which is what a gain measurement needs). A tuple output uses its first item.
+
+    Args:
+        output: the model's output (a tensor, or a tuple whose first item is one).
+        batch: the batch the output came from.
+
+    Returns:
+        A scalar float tensor.
+
+    Raises:
+        ValueError: ``(x, y)`` whose ``y`` fits neither rule; pass ``loss_fn`` to
+            :func:`diagnose`.
+
+    Example:
+        >>> default_loss(model(x), (x, labels))  # == F.cross_entropy(model(x), labels)
     """
     out = output[0] if isinstance(output, (tuple, list)) else output
     if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
@@ -781,8 +835,8 @@ def diagnose(
 
     * Kaiming init (He et al. 2015, "Delving Deep into Rectifiers", arXiv 1502.01852), Xavier
       init (Glorot & Bengio 2010, "Understanding the difficulty of training deep feedforward
-      neural networks"), orthogonal init (Saxe et al. 2014, arXiv 1312.6120): :func:`~gradguard.
-      remedies.reinit_`;
+      neural networks"), orthogonal init (Saxe et al. 2014, arXiv 1312.6120):
+      :func:`~gradguard.remedies.reinit_`;
     * LSUV init (Mishkin & Matas 2015, "All you need is a good init", arXiv 1511.06422):
       :func:`~gradguard.remedies.lsuv_`;
     * batch norm (Ioffe & Szegedy 2015, arXiv 1502.03167) and layer norm (Ba et al. 2016,
@@ -812,7 +866,9 @@ def diagnose(
         tolerance: "exploding" above this depth gain, "vanishing" below its inverse (> 1).
         jacobian_iters: power-iteration steps per Jacobian estimate (0 skips the estimate).
         steps: SGD steps each remedy (and the unchanged model) trains for, on the batch, to
-            report the loss after them and rank by it (0 skips).
+            report the loss after them and rank by it (0 skips). With a bare tensor batch and no
+            ``loss_fn`` the default loss is no training objective: only a non-finite loss
+            then changes the ranking.
         lr: their learning rate (> 0).
         l2: the L2 penalty weight tried as a remedy (>= 0).
         percentile: the percentile of the norms over sub-batches used as clipping threshold,
@@ -880,24 +936,37 @@ def diagnose(
             depth_gain=g.depth,
             shape_gain=g.shape,
             loss_tolerance=loss_tol,
+            by_loss=_has_objective(batch, loss_fn),
         )
         if remedies:
             results = _measure_remedies(base, batch, fn, g, tol, steps, lr, l2, percentile)
             diag.remedies = rank_remedies(
-                results, results[0], loss_tolerance=loss_tol, trained=steps > 0
+                results,
+                results[0],
+                loss_tolerance=loss_tol,
+                trained=steps > 0,
+                by_loss=diag.by_loss,
             )
     return diag
 
 
-def _loss_tier(r: RemedyResult, reference_loss: float, loss_tolerance: float, trained: bool) -> int:
+def _loss_tier(
+    r: RemedyResult, reference_loss: float, loss_tolerance: float, trained: bool, by_loss: bool
+) -> int:
     """0: the loss after training is no worse than no change's (within the tolerance), or not
-    trained; 1: finite but worse; 2: NaN or inf (training blew up)."""
+    compared; 1: finite but worse; 2: NaN or inf (training blew up)."""
     if not trained:
         return 0
     if not math.isfinite(r.loss_after):
         return 2
     bar = reference_loss + loss_tolerance * abs(reference_loss)
-    return 1 if math.isfinite(reference_loss) and r.loss_after > bar else 0
+    return 1 if by_loss and math.isfinite(reference_loss) and r.loss_after > bar else 0
+
+
+def _has_objective(batch: Any, loss_fn: LossFn | None) -> bool:
+    """Whether the loss is a training objective: a ``loss_fn`` was given or the batch has a
+    target. ``output.pow(2).mean()`` on a bare batch measures gains; lowering it is no goal."""
+    return loss_fn is not None or (isinstance(batch, (tuple, list)) and len(batch) >= 2)
 
 
 def rank_remedies(
@@ -906,6 +975,7 @@ def rank_remedies(
     *,
     loss_tolerance: float = 0.05,
     trained: bool = True,
+    by_loss: bool = True,
 ) -> list[RemedyResult]:
     """Order measured remedies best first; the rule :func:`diagnose` uses.
 
@@ -928,6 +998,10 @@ def rank_remedies(
         loss_tolerance: relative slack on the bar (>= 0).
         trained: whether ``loss_after`` was measured (``diagnose(steps > 0)``); if not, the
             tiers of step 2 are skipped.
+        by_loss: whether the loss is a training objective to compare against the reference's
+            (the second tier). :func:`diagnose` passes False for a bare tensor batch without
+            ``loss_fn``, whose default loss ``output.pow(2).mean()`` only serves the gain
+            measurement; a non-finite loss still ranks last.
 
     Returns:
         A new list, best first.
@@ -942,7 +1016,7 @@ def rank_remedies(
     def key(r: RemedyResult) -> tuple[int, int, float, int, float, float, float]:
         if not r.applicable:
             return (1, 0, 0.0, 0, 0.0, 0.0, 0.0)
-        tier = _loss_tier(r, reference.loss_after, loss_tolerance, trained)
+        tier = _loss_tier(r, reference.loss_after, loss_tolerance, trained, by_loss)
         loss = r.loss_after if math.isfinite(r.loss_after) else math.inf
         return (
             0,
