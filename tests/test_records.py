@@ -310,6 +310,9 @@ def test_read_jsonl_refuses_rows_a_report_cannot_use(tmp_path: Path) -> None:
         path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=rf"bad.jsonl:3: .*{what}"):
             read_jsonl(path)
+    path.write_bytes(b'{"v": 1, "kind": "step", "step": 0}\n\xff\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: not UTF-8"):
+        read_jsonl(path)
 
 
 def test_read_jsonl_lives_beside_jsonl_sink_and_keeps_its_old_names() -> None:

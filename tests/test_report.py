@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import html
 import json
 import math
 import os
@@ -357,3 +358,36 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     assert page["scripts"] == 0  # the hostile names stayed text
     assert EVIL in page["text"]
     assert "<img src=x onerror=alert(2)>" in page["text"]
+
+
+def test_report_explains_step_and_position_where_the_records_have_both(tmp_path: Path) -> None:
+    from gradguard.report.html import STEP_VS_POSITION
+
+    steps = [{"v": 1, "kind": "step", "step": s, "loss": 1.0, "action": "step"} for s in range(5)]
+    rollback = {"v": 1, "kind": "action", "step": 4, "action": "rollback", "position": 7}
+    explained = build_report([*steps, rollback], tmp_path / "r.html").read_text()
+    assert "step-vs-position" in explained
+    assert html.escape(STEP_VS_POSITION, quote=True) in explained
+    assert "rollback" in STEP_VS_POSITION and "batch" in STEP_VS_POSITION
+    plain = build_report([*steps, {**rollback, "position": None}], tmp_path / "p.html")
+    assert "step-vs-position" in plain.read_text()  # the column is there, so is the note
+    del rollback["position"]
+    assert (
+        "step-vs-position" not in build_report([*steps, rollback], tmp_path / "n.html").read_text()
+    )
+
+
+def test_report_command_refuses_a_bad_step_with_exit_2_and_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gradguard.cli import main
+
+    path = tmp_path / "run.jsonl"
+    good = {"v": 1, "kind": "step", "step": 0, "loss": 1.0}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "step": "x"}) + "\n")
+    assert main(["report", str(path), "-o", str(tmp_path / "r.html")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "'step' must be an integer" in err[0]
+    assert "Traceback" not in err[0] and not (tmp_path / "r.html").exists()
+    with pytest.raises(ValueError, match=r"rows\[1\]\['step'\] must be an integer"):
+        build_report([good, {**good, "step": "x"}], tmp_path / "r.html")

@@ -392,7 +392,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     try:
         rows = read_jsonl(path)  # checks each row's v, kind and step: the report trusts them
     except (ValueError, UnicodeDecodeError, OSError) as e:
-        raise UsageError(f"cannot read records from {args.records}: {e}") from e
+        raise UsageError(f"cannot read records: {e}") from e  # e names the file and line
     if not rows:
         raise UsageError(f"{args.records} holds no records")
     out = build_report(rows, args.output, title=args.title or f"gradguard report: {path.name}")
@@ -582,7 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except UsageError as e:
-        _console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}")
+        # soft_wrap: one line however long (paths), so scripts can grep it
+        _console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         _console(stderr=True).print("interrupted")

@@ -120,8 +120,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Row]:
         The rows, in file order.
 
     Raises:
-        ValueError: a line is not JSON or not a valid record (the message names the file and
-            line), or its schema version is newer than this gradguard understands.
+        ValueError: the file is not UTF-8, a line is not JSON or not a valid record (the
+            message names the file and line), or its schema version is newer than this
+            gradguard understands.
         OSError: the file cannot be read.
 
     Example:
@@ -131,8 +132,12 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Row]:
     from gradguard.records import SCHEMA_VERSION
 
     p = _check_path("path", path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows: list[Row] = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
