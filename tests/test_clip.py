@@ -11,6 +11,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradguard as gg
+from gradguard._foreach import mul_each_
+from gradguard.clip import clip_each_with_norms_, clip_with_norms_
+from gradguard.norms import total_from_norms
+from tests import conformance as C
 from tests._grads import (
     NORM_TYPES,
     assert_exact,
@@ -285,3 +289,136 @@ def test_a_tensor_threshold_is_used_without_reading_it():
     gg.clip_grads_with_norm_(ours, torch.tensor([0.25]), total)
     nn.utils.clip_grads_with_norm_(theirs, 0.25, expected)
     assert_same_grads(ours, grads(theirs))
+
+
+# --- guarded clipping with norms already measured (what ClipPolicy.clip_ calls) -------------
+
+
+def _present(params):
+    return [p.grad for p in params if p.grad is not None]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    spec=grad_specs(dtypes=(torch.float32,), nonfinite=False),
+    norm_type=st.sampled_from(NORM_TYPES),
+    max_norm=st.floats(0.0, 5.0),
+    foreach=FOREACH,
+)
+def test_clip_with_norms_is_torch_clip_grad_norm_bit_for_bit(spec, norm_type, max_norm, foreach):
+    assume(torch_can(spec, norm_type))
+    ours, theirs = build(spec), build(spec)
+    norms = gg.grad_norms(_present(ours), norm_type)
+    expected = nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=foreach)
+    threshold = torch.tensor(max_norm)  # a policy's threshold: the fp32 value torch uses too
+    c = clip_with_norms_(_present(ours), threshold, norms, norm_type=norm_type, foreach=foreach)
+    assert_same_grads(ours, grads(theirs))
+    assert_exact(c.threshold, threshold)
+    coef = torch.clamp(max_norm / (expected + 1e-6), max=1.0)
+    assert_exact(c.clipped, coef < 1.0)
+    assert_exact(c.total, expected * coef)
+    after = nn.utils.get_total_norm(_present(theirs), norm_type) if _present(theirs) else None
+    if after is not None:
+        torch.testing.assert_close(c.total, after, rtol=1e-5, atol=1e-30)
+
+
+def _slow_each_(gs: list[torch.Tensor], limits: list[float], norms: list[torch.Tensor]) -> bool:
+    """The plain per-tensor loop: torch's rule with a float bound, one tensor at a time;
+    True when some factor was below 1."""
+    below = False
+    for g, t, n in zip(gs, limits, norms):
+        coef = torch.clamp(t / (n + 1e-6), max=1.0)
+        g.mul_(coef.to(g.dtype))
+        below |= bool(coef < 1.0)
+    return below
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    spec=grad_specs(dtypes=(torch.float32, torch.float64, torch.bfloat16), nonfinite=False),
+    norm_type=st.sampled_from(NORM_TYPES),
+    limits=st.lists(st.sampled_from([0.0, 1e-3, 0.5, 2.0, math.inf]), min_size=5, max_size=5),
+    foreach=FOREACH,
+)
+def test_clip_each_with_norms_equals_the_per_tensor_loop(spec, norm_type, limits, foreach):
+    assume(torch_can(spec, norm_type))
+    ours, theirs = build(spec), build(spec)
+    g_ours, g_theirs = _present(ours), _present(theirs)
+    norms = gg.grad_norms(g_ours, norm_type)
+    limits = limits[: len(g_ours)]
+    like = norms.total
+    thresholds = [torch.tensor(t, dtype=like.dtype) for t in limits]
+    c = clip_each_with_norms_(g_ours, thresholds, norms, norm_type=norm_type, foreach=foreach)
+    below = _slow_each_(g_theirs, limits, [n.to(like.dtype) for n in norms.per_tensor])
+    assert_same_grads(ours, grads(theirs))
+    assert isinstance(c.learn, list) and len(c.learn) == len(g_ours)
+    for n, g in zip(c.learn, g_ours):
+        measured = gg.tensor_norms([g], norm_type)[0].to(n.dtype)
+        torch.testing.assert_close(
+            n, measured, rtol=1e-2 if g.dtype == torch.bfloat16 else 1e-5, atol=0
+        )
+    want_threshold = total_from_norms(thresholds, norm_type, like.device).float()
+    assert_exact(c.threshold, want_threshold)
+    assert bool(c.clipped) == below
+    after = total_from_norms(c.learn, norm_type, like.device).float()
+    assert_exact(c.total, after)
+
+
+@settings(max_examples=30, deadline=None)
+@given(spec=grad_specs(), norm_type=st.sampled_from(NORM_TYPES))
+def test_guarded_clips_leave_a_nonfinite_step_untouched(spec, norm_type):
+    assume(torch_can(spec, norm_type))
+    for each in (False, True):
+        params = build(spec)
+        before = grads(params)
+        gs = _present(params)
+        norms = gg.grad_norms(gs, norm_type)
+        zero = torch.zeros((), dtype=norms.total.dtype)
+        if each:
+            c = clip_each_with_norms_(gs, [zero] * len(gs), norms, norm_type=norm_type)
+        else:
+            c = clip_with_norms_(gs, zero, norms, norm_type=norm_type)
+        if not bool(norms.finite):
+            assert_same_grads(params, before)
+            assert not bool(c.clipped)
+
+
+def test_guarded_clips_never_read_the_device():
+    gen = torch.Generator().manual_seed(0)
+    gs = [torch.randn(s, generator=gen) * 10 for s in ((4, 3), (7,), (2, 2))]
+    norms = gg.grad_norms(gs)
+    with C.no_host_sync():
+        a = clip_with_norms_(gs, torch.tensor(1.0), norms)
+        b = clip_each_with_norms_(gs, [torch.tensor(0.5)] * 3, gg.grad_norms(gs))
+    assert bool(a.clipped) and bool(b.clipped)
+
+
+def test_guarded_clips_check_their_arguments():
+    gs = [torch.ones(3), torch.ones(2)]
+    norms = gg.grad_norms(gs)
+    with pytest.raises(ValueError, match="one threshold and one norm per gradient"):
+        clip_each_with_norms_(gs, [torch.tensor(1.0)], norms)
+    with pytest.raises(ValueError, match="norm_type"):
+        clip_with_norms_(gs, 1.0, norms, norm_type=-1.0)
+    empty = gg.grad_norms([])
+    c = clip_each_with_norms_([], [], empty)
+    assert c.learn == [] and float(c.total) == 0.0 and not bool(c.clipped)
+    c = clip_with_norms_([], 1.0, empty)  # a number threshold works too
+    assert float(c.total) == 0.0 and float(c.threshold) == 1.0
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_mul_each_equals_a_loop_across_devices_and_dtypes(foreach):
+    gen = torch.Generator().manual_seed(1)
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float32, torch.float64]
+    ts = [torch.randn(i + 1, 3, generator=gen).to(dt) for i, dt in enumerate(dtypes)]
+    factors = torch.tensor([0.5, 2.0, 0.125, 3.0, 1.0 / 3.0])
+    for form in (factors, list(factors.unbind(0))):
+        ours, ref = [t.clone() for t in ts], [t.clone() for t in ts]
+        mul_each_(ours, form, foreach)
+        for r, f in zip(ref, factors):
+            r.mul_(f.to(r.dtype))
+        for a, b in zip(ours, ref):
+            assert_exact(a, b)
+    with pytest.raises(ValueError, match="one factor per tensor"):
+        mul_each_(ts, factors[:2])

@@ -104,7 +104,14 @@ def test_clip_by_norm_matches_numpy(seed, shape, scale, clip_norm):
     use_norm=st.one_of(st.none(), st.floats(0.0, 50.0), st.sampled_from([math.inf, math.nan])),
 )
 # Found by a random run: the oracle's 1 / use_norm overflowed on a subnormal use_norm.
-@example(seed=0, shapes=[(2,)], none_mask=[False] * 5, scale=1.0, clip_norm=1.0, use_norm=2.2250738585e-313)
+@example(
+    seed=0,
+    shapes=[(2,)],
+    none_mask=[False] * 5,
+    scale=1.0,
+    clip_norm=1.0,
+    use_norm=2.2250738585e-313,
+)
 @example(seed=0, shapes=[(2,)], none_mask=[False] * 5, scale=1.0, clip_norm=1.0, use_norm=5e-324)
 def test_clip_by_global_norm_matches_numpy(seed, shapes, none_mask, scale, clip_norm, use_norm):
     arrays = _arrays(seed, shapes, scale)
@@ -160,3 +167,65 @@ def test_low_precision_global_norm_is_fp32_and_outputs_keep_dtype(dtype):
     assert gg.get_total_norm([o for o in out if o is not None]).item() == pytest.approx(
         0.5, rel=1e-2
     )
+
+
+# --- clip_by_value: TF's shape and dtype rules (tensorflow/python/kernel_tests/clip_ops_test.py)
+
+
+def test_clip_by_value_refuses_a_bound_that_would_enlarge_the_tensor():
+    # TF's testClipByValueBadShape: a (2,) bound on a (2, 3, 1) tensor raises ValueError; plain
+    # broadcasting would return shape (2, 3, 2).
+    x = torch.tensor([-5.0, 2.0, 3.0, 4.0, 5.0, 6.0]).reshape(2, 3, 1)
+    clip = torch.tensor([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"\(2, 3, 2\)"):
+        gg.clip_by_value(x, -clip, clip)
+    with pytest.raises(ValueError, match="broadcast"):
+        gg.clip_by_value(x, 1.0, clip)
+    # Bounds that broadcast without enlarging t are fine (TF: a scalar or t's own shape).
+    out = gg.clip_by_value(x, torch.tensor(-1.0), torch.full((3, 1), 4.4))
+    assert out.shape == x.shape and out.max() == pytest.approx(4.4)
+
+
+INT_DTYPES = [torch.int16, torch.int32, torch.int64, torch.uint8]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, *INT_DTYPES])
+def test_clip_by_value_keeps_the_dtype_like_tf(dtype):
+    # TF's testClipByValue0Type .. 3Type: scalar and tensor bounds, every dtype kept.
+    x = torch.tensor([1, 2, 3, 4, 5, 6], dtype=dtype).reshape(2, 3)
+    cases = [
+        (2, 4, [[2, 2, 3], [4, 4, 4]]),
+        (torch.tensor([2, 2, 2, 3, 3, 3], dtype=dtype).reshape(2, 3), 4, [[2, 2, 3], [4, 4, 4]]),
+        (4, torch.full((2, 3), 6, dtype=dtype), [[4, 4, 4], [4, 5, 6]]),
+        (
+            torch.tensor([2, 2, 2, 5, 5, 5], dtype=dtype).reshape(2, 3),
+            torch.tensor([5, 5, 5, 7, 7, 7], dtype=dtype).reshape(2, 3),
+            [[2, 2, 3], [5, 5, 6]],
+        ),
+    ]
+    for lo, hi, want in cases:
+        out = gg.clip_by_value(x, lo, hi)
+        assert out.dtype == dtype, (lo, hi)
+        assert out.tolist() == want
+
+
+def test_clip_by_value_integer_tensors_refuse_floating_bounds_and_take_wide_ones():
+    x = torch.tensor([0, 100, 255], dtype=torch.uint8)
+    with pytest.raises(TypeError, match="int"):
+        gg.clip_by_value(x, 0.5, 3.0)
+    with pytest.raises(TypeError, match="floating"):
+        gg.clip_by_value(x, torch.tensor(0.5), 3)
+    # A bound beyond the dtype's range acts like its end (torch would refuse the number).
+    assert gg.clip_by_value(x, -1, 300).tolist() == [0, 100, 255]
+    assert gg.clip_by_value(torch.tensor([-(2**62), 2**62]), -(2**70), 5).tolist() == [-(2**62), 5]
+
+
+def test_clip_by_value_rounds_a_wide_bound_to_the_dtype_like_tf():
+    # 1e10 is inf in fp16, as TF's conversion makes it; torch's clamp refuses the number.
+    x = torch.tensor([-math.inf, -3.0, 7.0, math.inf], dtype=torch.float16)
+    out = gg.clip_by_value(x, -1e10, 1e10)
+    assert out.dtype == torch.float16 and out.tolist() == [-math.inf, -3.0, 7.0, math.inf]
+    out = gg.clip_by_value(torch.tensor([math.inf, 1.0]), 0.0, 1e39)  # above fp32's range
+    assert out.tolist() == [math.inf, 1.0]
+    with pytest.raises(ValueError, match="clip_value_min must be <="):
+        gg.clip_by_value(x, 2.0, 1.0)

@@ -84,3 +84,49 @@ def mul_(
         else:
             for t in group.tensors:
                 t.mul_(local)
+
+
+def mul_each_(
+    tensors: Sequence[Tensor],
+    factors: Sequence[Tensor] | Tensor,
+    foreach: bool | None = None,
+    *,
+    groups: list[Group] | None = None,
+) -> None:
+    """Multiply each tensor in place by its own 0-dim factor: ``tensors[i] *= factors[i]``.
+
+    Grouped by (device, dtype) like :func:`mul_`; each group takes one ``_foreach_mul_`` with a
+    list of factors, or a plain loop where foreach is not supported. Factors are moved to their
+    tensor's device and dtype first (a bf16 gradient times an fp32 factor rounds the factor to
+    bf16 either way); no value is read on the host.
+
+    Args:
+        tensors: the tensors to scale, in place.
+        factors: one 0-dim tensor per tensor, or a 1-D tensor with one entry per tensor (moved
+            once per group rather than once per factor).
+        foreach: torch's flag: ``None`` uses the fused kernel where supported.
+        groups: :func:`groups_of` of the same ``tensors``, to save regrouping.
+
+    Raises:
+        ValueError: not one factor per tensor.
+
+    Example:
+        >>> ts = [torch.ones(2), torch.ones(3)]
+        >>> mul_each_(ts, torch.tensor([0.5, 2.0]))
+        >>> ts
+        [tensor([0.5000, 0.5000]), tensor([2., 2., 2.])]
+    """
+    n = factors.numel() if isinstance(factors, Tensor) else len(factors)
+    if n != len(tensors):
+        raise ValueError(f"mul_each_ needs one factor per tensor: {n} for {len(tensors)}")
+    for group in groups_of(tensors) if groups is None else groups:
+        if isinstance(factors, Tensor):
+            parts = factors.reshape(-1).to(group.device, group.dtype).unbind(0)
+            local = [parts[i] for i in group.indices]
+        else:
+            local = [factors[i].to(group.device, group.dtype) for i in group.indices]
+        if use_foreach(group.tensors, group.device, foreach):
+            torch._foreach_mul_(group.tensors, local)
+        else:
+            for t, f in zip(group.tensors, local):
+                t.mul_(f)

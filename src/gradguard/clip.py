@@ -11,6 +11,11 @@ Each norm-based one also takes ``nonfinite=`` to decide what a NaN/inf total nor
 * ``"zero"``: zero every gradient (one extra pass on a non-finite step only in effect, but the
   pass runs every step so that there is no host sync).
 
+Guarded, for a policy that has already measured (:meth:`gradguard.policies.ClipPolicy.clip_`):
+``clip_with_norms_`` (total norm) and ``clip_each_with_norms_`` (each tensor to its own
+threshold) take :class:`~gradguard.norms.GradNorms` and a threshold tensor, leave every gradient
+untouched when the total norm is not finite, and return :class:`Clipped`.
+
 TF-compatible, out of place: ``clip_by_value``, ``clip_by_norm``, ``clip_by_global_norm``.
 
 No function here branches on a tensor value: the coefficient is clamped and multiplied, as torch
@@ -20,25 +25,38 @@ does, so a clipped step never waits for the device.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from gradguard import _validate
-from gradguard._foreach import Group, group_by_device_dtype, groups_of, mul_, use_foreach
+from gradguard._foreach import Group, group_by_device_dtype, groups_of, mul_, mul_each_, use_foreach
+from gradguard._state import stack
 from gradguard.buffer import ContiguousGrads
-from gradguard.norms import _measure, get_total_norm, grad_norms, tensor_norms
+from gradguard.norms import (
+    GradNorms,
+    _measure,
+    get_total_norm,
+    grad_norms,
+    tensor_norms,
+    total_from_norms,
+)
 
 __all__ = [
+    "Clipped",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_norm_",
     "clip_by_value",
     "clip_coefficient",
+    "clip_each_with_norms_",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "clip_with_norms_",
     "get_total_norm",
 ]
 
@@ -49,11 +67,28 @@ EPS = 1e-6  # torch's, so results match bit for bit
 def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor, nonfinite: str) -> Tensor:
     """The factor every gradient is multiplied by: ``min(max_norm / (total + 1e-6), 1)``.
 
-    For ``nonfinite="skip"`` a non-finite total gives 1 (gradients untouched); for ``"zero"``
-    it gives 0. Computed with ``torch.where`` so that no value is read on the host.
+    The one place this rule is written. It is evaluated as torch evaluates it
+    (``float / tensor`` is ``reciprocal(tensor) * float`` there), so a tensor ``max_norm``
+    holding the same value as torch's float one gives the same bits. Element-wise: a 1-D
+    ``total_norm`` (and ``max_norm``) gives one factor per entry.
+
+    Args:
+        max_norm: the largest allowed norm: a number, or a tensor never read on the host.
+        total_norm: the measured norm(s).
+        nonfinite: ``"skip"``: a non-finite norm gives 1 (gradients untouched); ``"zero"``:
+            it gives 0; ``"propagate"``/``"error"``: torch's value (NaN, or 0 for inf).
+
+    Returns:
+        The factor(s), with ``total_norm``'s shape; computed with ``torch.where``, so that no
+        value is read on the host.
+
+    Example:
+        >>> clip_coefficient(1.0, torch.tensor([0.5, 4.0, math.nan]), "skip")
+        tensor([1.0000, 0.2500, 1.0000])
     """
     if isinstance(max_norm, Tensor):
-        coef = torch.clamp(max_norm.to(total_norm.device) / (total_norm + EPS), max=1.0)
+        inverse = (total_norm + EPS).reciprocal()
+        coef = torch.clamp(inverse * max_norm.to(total_norm.device), max=1.0)
     else:
         coef = _torch_coef(max_norm, total_norm)
     if nonfinite == "skip":
@@ -293,16 +328,142 @@ def clip_by_norm_(
     norms = tensor_norms(grads, p, foreach)
     if not grads:
         return norms
-    coefs = [_torch_coef(max_norm, n) for n in norms]
-    for (device, dtype), group in group_by_device_dtype(grads).items():
-        index = {id(g): i for i, g in enumerate(grads)}
-        factors = [coefs[index[id(g)]].to(device=device, dtype=dtype) for g in group]
-        if use_foreach(group, device, foreach):
-            torch._foreach_mul_(group, factors)
-        else:
-            for g, c in zip(group, factors):
-                g.mul_(c)
+    mul_each_(grads, [_torch_coef(max_norm, n) for n in norms], foreach)
     return norms
+
+
+# --- guarded, with norms already measured ---------------------------------------------------
+
+
+class Clipped(NamedTuple):
+    """What one threshold clip did, all on the device (nothing read on the host).
+
+    Attributes:
+        threshold: 0-dim fp32: the threshold used; for per-tensor clipping the total (same p)
+            of the per-tensor thresholds; ``+inf`` where nothing is clipped by a threshold.
+        clipped: 0-dim bool: some factor was below 1 (some gradient was scaled down).
+        total: 0-dim fp32: the total norm after clipping.
+        learn: what a policy's ``update`` learns from: the post-clip total (0-dim, in the
+            norms' dtype), or the list of post-clip per-tensor norms.
+    """
+
+    threshold: Tensor
+    clipped: Tensor
+    total: Tensor
+    learn: Tensor | list[Tensor]
+
+
+@torch.no_grad()
+def clip_with_norms_(
+    grads: Sequence[Tensor],
+    threshold: float | Tensor,
+    norms: GradNorms,
+    *,
+    norm_type: float = 2.0,
+    foreach: bool | None = None,
+) -> Clipped:
+    """Clip the total norm of ``grads`` to ``threshold`` in place, given their measured norms.
+
+    ``grad *= min(threshold / (total + 1e-6), 1)`` (:func:`clip_coefficient`, torch's rule:
+    bit-identical to ``torch.nn.utils.clip_grad_norm_`` for fp32/fp64 gradients); a non-finite
+    total gives the factor 1, so a step the guard will skip leaves its gradients bit-for-bit
+    untouched. No host sync.
+
+    Args:
+        grads: the gradients ``norms`` was measured from (already validated).
+        threshold: the largest allowed total norm: a 0-dim tensor (a policy's threshold, never
+            read on the host) or a number; ``+inf`` clips nothing.
+        norms: from :func:`gradguard.norms.grad_norms` on ``grads``.
+        norm_type: the p ``norms`` was measured with (the post-clip total is ``total *
+            factor`` for every p).
+        foreach: torch's flag.
+
+    Returns:
+        :class:`Clipped`; ``learn`` is the post-clip total.
+
+    Example:
+        >>> norms = grad_norms(grads)
+        >>> c = clip_with_norms_(grads, torch.tensor(1.0), norms)
+        >>> c.total <= 1.0
+        tensor(True)
+    """
+    _validate.norm_type(norm_type)
+    total = norms.total
+    if isinstance(threshold, Tensor):
+        limit = threshold.detach().reshape(()).to(total.device)
+    else:
+        limit = torch.full((), _validate.as_float("threshold", threshold), device=total.device)
+    coef = clip_coefficient(limit, total, "skip")
+    if grads:
+        mul_(grads, coef, foreach)
+    # The p-norm is homogeneous: scaling every gradient by coef scales the total by coef.
+    after = total * coef
+    return Clipped(limit.float(), coef < 1.0, after.float(), after)
+
+
+@torch.no_grad()
+def clip_each_with_norms_(
+    grads: Sequence[Tensor],
+    thresholds: Sequence[Tensor] | Tensor,
+    norms: GradNorms,
+    *,
+    norm_type: float = 2.0,
+    foreach: bool | None = None,
+) -> Clipped:
+    """Clip each gradient to its own threshold in place, given their measured norms.
+
+    ``grads[i] *= min(thresholds[i] / (norms.per_tensor[i] + 1e-6), 1)``
+    (:func:`clip_coefficient`, one vector for all tensors); when the total norm is not finite
+    every factor is 1, so a step the guard will skip leaves all its gradients bit-for-bit
+    untouched. Per-tensor factors are applied with one foreach multiply per (device, dtype).
+    No host sync. The rule of AdaGC (arXiv 2502.11034) and of TF's ``clip_by_norm`` applied to
+    every gradient.
+
+    Args:
+        grads: the gradients ``norms`` was measured from (already validated).
+        thresholds: one 0-dim tensor per gradient, or a 1-D tensor; ``+inf`` leaves one alone.
+        norms: from :func:`gradguard.norms.grad_norms` on ``grads``.
+        norm_type: the p ``norms`` was measured with, for the totals in the result.
+        foreach: torch's flag.
+
+    Returns:
+        :class:`Clipped`; ``threshold`` is the total of the thresholds and ``learn`` the list
+        of post-clip per-tensor norms, in ``grads`` order.
+
+    Raises:
+        ValueError: not one threshold and one norm per gradient.
+
+    Example:
+        >>> norms = grad_norms(grads)
+        >>> c = clip_each_with_norms_(grads, [torch.tensor(1.0)] * len(grads), norms)
+        >>> c.learn   # every post-clip norm is <= 1
+    """
+    p = _validate.norm_type(norm_type)
+    n = thresholds.numel() if isinstance(thresholds, Tensor) else len(thresholds)
+    if not n == len(grads) == len(norms.per_tensor):
+        raise ValueError(
+            f"clip_each_with_norms_ needs one threshold and one norm per gradient: {n} "
+            f"thresholds and {len(norms.per_tensor)} norms for {len(grads)} gradients"
+        )
+    total = norms.total
+    device = total.device
+    if not grads:
+        zero = torch.zeros((), device=device)
+        return Clipped(zero, zero > 0, zero, [])
+    per = stack(norms.per_tensor, total)
+    limits = thresholds if isinstance(thresholds, Tensor) else stack(list(thresholds), total)
+    limits = limits.detach().reshape(-1).to(device, total.dtype)
+    # A NaN norm gives the factor 1 (the "skip" rule): a non-finite total spares every tensor.
+    coef = clip_coefficient(limits, torch.where(norms.finite, per, math.nan), "skip")
+    mul_each_(grads, coef, foreach)
+    after = per * coef
+    learn = list(after.unbind(0))
+    return Clipped(
+        total_from_norms(list(limits.unbind(0)), p, device).float(),
+        (coef < 1.0).any(),
+        total_from_norms(learn, p, device).float(),
+        learn,
+    )
 
 
 # --- TF-compatible, out of place ------------------------------------------------------------
@@ -313,30 +474,83 @@ def clip_by_value(
 ) -> Tensor:
     """TF's ``tf.clip_by_value``: element-wise clamp into ``[clip_value_min, clip_value_max]``.
 
+    TF's rules (``clip_ops_test.py``): the result has ``t``'s shape and dtype. A bound must be a
+    scalar or broadcast to ``t``'s shape without enlarging it (TF raises ``ValueError`` for a
+    ``(2,)`` bound on a ``(2, 3, 1)`` tensor, where plain broadcasting would give
+    ``(2, 3, 2)``). Integer tensors stay integer with integer bounds; a floating bound on an
+    integer tensor is a ``TypeError``, as in TF. A number bound beyond a floating dtype's range
+    is rounded to it as TF's conversion does (``1e10`` is ``inf`` in fp16).
+
     Args:
         t: any real tensor.
-        clip_value_min, clip_value_max: bounds, ``min <= max`` (scalars or broadcastable).
+        clip_value_min: the lower bound: a number (``<= clip_value_max``, not NaN) or a tensor.
+        clip_value_max: the upper bound, likewise.
 
     Returns:
-        A new tensor; ``t`` is unchanged. NaN entries stay NaN.
+        A new tensor of ``t``'s shape and dtype; ``t`` is unchanged. NaN entries stay NaN.
+
+    Raises:
+        TypeError: ``t`` is not a tensor, a bound is not a real number or tensor, or a
+            floating bound meets an integer ``t``.
+        ValueError: number bounds out of order or NaN, or a tensor bound whose shape would
+            enlarge ``t``.
 
     Example:
         >>> clip_by_value(torch.tensor([-3.0, 0.5, 9.0]), -1.0, 1.0)
         tensor([-1.0000,  0.5000,  1.0000])
+        >>> clip_by_value(torch.tensor([1, 5, 9]), 2, 6)
+        tensor([2, 5, 6])
     """
     if not isinstance(t, Tensor):
         raise TypeError(f"t must be a tensor, got {type(t).__name__}")
-    if not isinstance(clip_value_min, Tensor) and not isinstance(clip_value_max, Tensor):
-        lo = _validate.as_float("clip_value_min", clip_value_min)
-        hi = _validate.as_float("clip_value_max", clip_value_max)
+    lo = _bound("clip_value_min", clip_value_min, t)
+    hi = _bound("clip_value_max", clip_value_max, t)
+    if not isinstance(lo, Tensor) and not isinstance(hi, Tensor):
         if math.isnan(lo) or math.isnan(hi) or lo > hi:
             raise ValueError(
-                f"clip_value_min must be <= clip_value_max (neither NaN), got {lo!r} and {hi!r}"
+                "clip_value_min must be <= clip_value_max (neither NaN), got "
+                f"{clip_value_min!r} and {clip_value_max!r}"
             )
         return t.clamp(min=lo, max=hi)
-    lo_t = torch.as_tensor(clip_value_min, dtype=t.dtype, device=t.device)
-    hi_t = torch.as_tensor(clip_value_max, dtype=t.dtype, device=t.device)
+    lo_t = lo if isinstance(lo, Tensor) else torch.full((), lo, dtype=t.dtype, device=t.device)
+    hi_t = hi if isinstance(hi, Tensor) else torch.full((), hi, dtype=t.dtype, device=t.device)
+    shape = torch.broadcast_shapes(t.shape, lo_t.shape, hi_t.shape)
+    if shape != t.shape:
+        raise ValueError(
+            f"clip_by_value: bounds of shapes {tuple(lo_t.shape)} and {tuple(hi_t.shape)} would "
+            f"broadcast t of shape {tuple(t.shape)} to {tuple(shape)}; TF raises here too"
+        )
     return torch.clamp(t, min=lo_t, max=hi_t)
+
+
+def _bound(name: str, value: object, t: Tensor) -> int | float | Tensor:
+    """One ``clip_by_value`` bound in ``t``'s dtype (TF converts bounds to it).
+
+    A number becomes an int for an integer ``t`` (capped to the dtype's range: a bound beyond
+    every value acts like the extreme one) or a float rounded to ``t``'s floating dtype (so
+    torch does not refuse a bound beyond that range); a tensor moves to ``t``'s device and
+    dtype. A floating bound for an integer ``t`` is refused, as in TF.
+    """
+    integer = not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+    if isinstance(value, Tensor):
+        if integer and value.dtype.is_floating_point:
+            raise TypeError(
+                f"{name} is a {value.dtype} tensor but t is {t.dtype}; TF refuses a floating "
+                "bound for an integer tensor too"
+            )
+        return value.detach().to(device=t.device, dtype=t.dtype)
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(
+                f"{name} must be an int for a {t.dtype} tensor (TF keeps the dtype and refuses "
+                f"a floating bound), got {value!r}"
+            )
+        info = torch.iinfo(t.dtype)
+        return min(max(int(value), info.min), info.max)
+    x = _validate.as_float(name, value)
+    # A cast through fp64 rounds like TF's conversion: 1e10 is inf in fp16, where torch's
+    # clamp would refuse the number.
+    return x if math.isnan(x) else float(torch.tensor(x, dtype=torch.float64).to(t.dtype))
 
 
 def clip_by_norm(t: Tensor, clip_norm: float) -> Tensor:
