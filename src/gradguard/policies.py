@@ -1,12 +1,16 @@
 """DECIDE: adaptive clipping thresholds, each a small object with explicit, named state.
 
-A policy turns what :func:`gradguard.norms.grad_norms` measured into a threshold tensor and
-learns from the post-clip norm afterwards. The guard calls, once per optimizer step::
+A policy turns what :func:`gradguard.norms.grad_norms` measured into a threshold tensor, clips
+with it, and learns from the step afterwards. The guard calls, once per optimizer step::
 
     norms = grad_norms(grads)
-    limit = policy.threshold(norms)            # pure, on the device, no host sync
-    ...clip with limit, then...
-    policy.update(norms, clipped, accepted)    # feed the POST-clip norm(s)
+    c = policy.clip_(grads, norms, params)     # in place, on the device, no host sync
+    policy.update(norms, c.learn, accepted)    # learn from the POST-clip norm(s)
+
+:meth:`ClipPolicy.clip_` is the one place a policy acts: the base class clips the total norm
+(or, for a policy whose :meth:`~ClipPolicy.threshold` is a list, each tensor to its own
+threshold) through :mod:`gradguard.clip`; :class:`AGCPolicy` overrides it with unit-wise
+clipping. ``threshold`` stays public and pure, for callers that clip themselves.
 
 Two rules hold for every policy, because their absence is a known failure of the peers:
 
@@ -18,24 +22,38 @@ Two rules hold for every policy, because their absence is a known failure of the
   size cannot move it, while clipped values would ratchet it down; see :class:`QuantileClip`).
 
 ``threshold`` returns ``+inf`` where a policy does not want to clip (e.g. during warm-up without
-a fallback), so the caller's ``min(1, threshold / norm)`` coefficient is exactly 1 there.
+a fallback), so the coefficient ``min(1, threshold / (norm + 1e-6))`` is exactly 1 there.
 Statistics are kept in fp32 (fp64 for fp64 norms) on the device of the first norms seen; the
-threshold has the dtype and device of ``norms.total``.
+threshold has the dtype and device of ``norms.total``. State follows one pattern
+(:class:`gradguard._state.Stateful`): config by name, named state tensors under ``"state"``,
+and a ``load_state_dict`` that validates on a throwaway instance, so bad input changes nothing.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from typing import Any, ClassVar
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, overload
 
 import torch
 from torch import Tensor, nn
 
 from gradguard import _validate
+from gradguard._state import (
+    Spec,
+    Stateful,
+    as_bool,
+    as_int,
+    fraction,
+    optional_threshold,
+    scalar_like,
+    stack,
+    stat_dtype,
+)
 from gradguard.agc import Exclusion, agc_
-from gradguard.norms import GradNorms
+from gradguard.clip import Clipped, clip_each_with_norms_, clip_with_norms_
+from gradguard.norms import GradNorms, grad_norms
 
 __all__ = [
     "AGCPolicy",
@@ -46,57 +64,126 @@ __all__ = [
     "ZScoreClip",
 ]
 
+Parameters = nn.Module | Iterable[Tensor]
 
-class ClipPolicy(ABC):
-    """Base class of every clipping policy.
+
+class ClipPolicy(Stateful, ABC):
+    """Base class of every clipping policy: a pure ``threshold``, an in-place ``clip_`` and a
+    guarded ``update``.
+
+    A subclass implements :meth:`threshold` (one 0-dim tensor for the total norm, or a list
+    with one per gradient) and, when it learns, :meth:`update`; :meth:`clip_` then clips with
+    the guard's semantics. State goes through ``_config_keys`` and ``_state_spec()``
+    (:class:`gradguard._state.Stateful`), which give ``state_dict`` and a validated
+    ``load_state_dict``.
 
     Attributes:
-        scope: ``"global"``: one threshold for the total norm; ``"tensor"``: one threshold per
-            gradient (a list, in ``norms.per_tensor`` order); ``"unit"``: the policy acts itself
-            (AGC, see :class:`AGCPolicy`).
+        scope: transitional, read by the guard until it calls :meth:`clip_`: ``"global"`` (one
+            threshold for the total norm), ``"tensor"`` (one per gradient) or ``"unit"`` (AGC).
+
+    Example:
+        >>> class Half(ClipPolicy):
+        ...     def threshold(self, norms):
+        ...         return norms.total / 2
+        >>> c = Half().clip_(grads, grad_norms(grads))   # every step halves the total norm
     """
 
     scope: ClassVar[str] = "global"
 
     @abstractmethod
     def threshold(self, norms: GradNorms) -> Tensor | list[Tensor]:
-        """The clipping threshold(s) for this step; pure, on the device; ``+inf``: no clipping."""
+        """The clipping threshold(s) for this step; pure, on the device; ``+inf``: no clipping.
+
+        Args:
+            norms: this step's pre-clip norms.
+
+        Returns:
+            A 0-dim tensor (a threshold for the total norm) or a list with one 0-dim tensor
+            per gradient (in ``norms.per_tensor`` order), with ``norms.total``'s dtype.
+        """
 
     def update(self, norms: GradNorms, clipped: Tensor | list[Tensor], accepted: Tensor) -> None:
-        """Learn from this step: ``clipped`` is the post-clip norm (or one per tensor);
-        ``accepted`` (0-dim bool) is False for skipped or non-finite steps, which change nothing.
+        """Learn from this step (the base class learns nothing).
+
+        Args:
+            norms: this step's pre-clip norms (the same as given to :meth:`threshold`).
+            clipped: what the policy learns from, ``Clipped.learn``: the post-clip total norm
+                (0-dim), or one post-clip norm per gradient for per-tensor policies.
+            accepted: 0-dim bool; False for skipped or non-finite steps, which change nothing.
         """
         return None
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue identically (tensors cloned, config as plain values)."""
-        return {}
+    @overload
+    def clip_(self, grads: Parameters) -> Tensor: ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        return None
+    @overload
+    def clip_(
+        self,
+        grads: Sequence[Tensor],
+        norms: GradNorms,
+        params: Parameters | None = None,
+        *,
+        norm_type: float = 2.0,
+        foreach: bool | None = None,
+    ) -> Clipped: ...
 
+    @torch.no_grad()
+    def clip_(
+        self,
+        grads: Any,
+        norms: GradNorms | None = None,
+        params: Parameters | None = None,
+        *,
+        norm_type: float = 2.0,
+        foreach: bool | None = None,
+    ) -> Clipped | Tensor:
+        """Clip ``grads`` in place to this step's threshold; the one way a policy acts.
 
-def _scalar_like(value: float, like: Tensor) -> Tensor:
-    # torch.full on the device is a fill kernel: no host round trip.
-    return torch.full((), value, dtype=like.dtype, device=like.device)
+        The coefficient is :func:`gradguard.clip.clip_coefficient`'s
+        ``min(threshold / (norm + 1e-6), 1)``: of the total norm when :meth:`threshold` gives
+        one tensor (:func:`gradguard.clip.clip_with_norms_`), of each gradient's norm when it
+        gives a list (:func:`gradguard.clip.clip_each_with_norms_`). A non-finite total norm
+        leaves every gradient bit-for-bit untouched (the guard skips that step). Nothing is
+        read on the host.
 
+        Args:
+            grads: the gradients, in the order they were measured in.
+            norms: their pre-clip norms, from :func:`gradguard.norms.grad_norms`.
+            params: the parameters; unused here (AGC needs the weights).
+            norm_type: the p the norms were measured with, for the post-clip total.
+            foreach: torch's flag for the multiply.
 
-def _check_keys(cls: type, state: dict[str, Any], keys: Iterable[str]) -> None:
-    if not isinstance(state, dict):
-        raise TypeError(
-            f"{cls.__name__}.load_state_dict expects a dict, got {type(state).__name__}"
-        )
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise ValueError(f"{cls.__name__}.load_state_dict: state lacks keys {missing}")
+        Returns:
+            :class:`~gradguard.clip.Clipped`: threshold, whether anything was clipped, the
+            post-clip total, and what :meth:`update` learns from.
+
+        Raises:
+            TypeError: ``norms`` missing (the one-argument form belongs to :class:`AGCPolicy`).
+
+        Example:
+            >>> norms = grad_norms(grads)
+            >>> c = FixedThreshold(1.0).clip_(grads, norms)
+            >>> policy.update(norms, c.learn, accepted)
+        """
+        if norms is None:
+            raise TypeError(f"{type(self).__name__}.clip_ needs the gradients and their norms")
+        limit = self.threshold(norms)
+        if isinstance(limit, Tensor):
+            return clip_with_norms_(grads, limit, norms, norm_type=norm_type, foreach=foreach)
+        return clip_each_with_norms_(grads, limit, norms, norm_type=norm_type, foreach=foreach)
 
 
 class FixedThreshold(ClipPolicy):
     """A constant threshold for the total norm: what ``clip_grad_norm_(params, max_norm)`` does.
 
+    ``clip_`` with it gives gradients bit-identical to ``torch.nn.utils.clip_grad_norm_`` for
+    fp32 and fp64 (where the total is finite).
+
     Args:
         max_norm: finite and ``> 0``.
+
+    Raises:
+        ValueError: ``max_norm`` out of range.
 
     Example:
         >>> policy = FixedThreshold(1.0)
@@ -105,145 +192,20 @@ class FixedThreshold(ClipPolicy):
     """
 
     scope: ClassVar[str] = "global"
+    _config_keys = ("max_norm",)
 
     def __init__(self, max_norm: float = 1.0) -> None:
+        super().__init__()
         self.max_norm = _validate.threshold("max_norm", max_norm, allow_zero=False)
 
     def threshold(self, norms: GradNorms) -> Tensor:
-        return _scalar_like(self.max_norm, norms.total)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"max_norm": self.max_norm}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_keys(type(self), state, ["max_norm"])
-        self.max_norm = _validate.threshold("max_norm", state["max_norm"], allow_zero=False)
+        return scalar_like(self.max_norm, norms.total)
 
     def __repr__(self) -> str:
         return f"FixedThreshold(max_norm={self.max_norm})"
 
 
-def _stat_dtype(like: Tensor) -> torch.dtype:
-    # Running statistics in bf16 would drift after a few hundred EMA steps; fp64 stays fp64.
-    return torch.float64 if like.dtype == torch.float64 else torch.float32
-
-
-def _int(name: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    return value
-
-
-def _fraction(name: str, value: Any, *, closed_low: bool, closed_high: bool) -> float:
-    x = _validate.as_float(name, value)
-    ok_low = x >= 0 if closed_low else x > 0
-    ok_high = x <= 1 if closed_high else x < 1
-    if not (math.isfinite(x) and ok_low and ok_high):
-        lo, hi = ("[" if closed_low else "("), ("]" if closed_high else ")")
-        raise ValueError(f"{name} must be in {lo}0, 1{hi}, got {x!r}")
-    return x
-
-
-def _optional_threshold(name: str, value: Any) -> float | None:
-    return None if value is None else _validate.threshold(name, value, allow_zero=False)
-
-
-def _check_tensor(
-    owner: str, name: str, value: Any, shape: tuple[int, ...] | None, integer: bool
-) -> Tensor:
-    """A state tensor of the right kind (int64 counter or floating statistic) and shape
-    (``None``: any 1-D length); a counter must be >= 0 (read once: load time, not per step)."""
-    kind = "an int64" if integer else "a floating"
-    want = "1-D" if shape is None else f"shape {shape}"
-    ok_kind = isinstance(value, Tensor) and (
-        value.dtype == torch.int64 if integer else value.dtype.is_floating_point
-    )
-    if not ok_kind:
-        raise TypeError(f"{owner}.load_state_dict: state[{name!r}] must be {kind} tensor")
-    ok_shape = value.ndim == 1 if shape is None else tuple(value.shape) == shape
-    if not ok_shape:
-        raise ValueError(
-            f"{owner}.load_state_dict: state[{name!r}] must have {want}, got {tuple(value.shape)}"
-        )
-    if integer and bool((value < 0).any()):
-        raise ValueError(f"{owner}.load_state_dict: state[{name!r}] must be >= 0")
-    return value
-
-
-def _stack(values: list[Tensor], like: Tensor) -> Tensor:
-    """0-dim tensors as one 1-D tensor with ``like``'s device and dtype (one kernel when they
-    share a device, the usual case)."""
-    if not values:
-        return like.new_zeros((0,))
-    if all(v.device == like.device for v in values):
-        return torch.stack(values).reshape(-1).to(like.dtype)
-    return torch.stack([v.reshape(()).to(like.device, like.dtype) for v in values])
-
-
-def _as_bool(accepted: Tensor | bool, device: torch.device) -> Tensor:
-    if isinstance(accepted, bool):
-        return torch.full((), accepted, dtype=torch.bool, device=device)
-    return accepted.to(device=device, dtype=torch.bool).reshape(())
-
-
-class _StatefulPolicy(ClipPolicy):
-    """Shared plumbing: named state tensors created lazily on the norms' device."""
-
-    _config_keys: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self) -> None:
-        self._state: dict[str, Tensor] = {}
-
-    def _fresh_state(self, like: Tensor) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def _ensure(self, like: Tensor) -> dict[str, Tensor]:
-        if not self._state:
-            self._state = self._fresh_state(like)
-        first = next(iter(self._state.values()))
-        if first.device != like.device:
-            # A state loaded on the CPU follows the gradients to their device, once.
-            self._state = {k: v.to(like.device) for k, v in self._state.items()}
-        return self._state
-
-    def state_dict(self) -> dict[str, Any]:
-        config = {k: getattr(self, k) for k in self._config_keys}
-        return {**config, "state": {k: v.detach().clone() for k, v in self._state.items()}}
-
-    def _state_spec(self) -> dict[str, tuple[tuple[int, ...] | None, bool]]:
-        """name -> (shape or None for any 1-D, is an int64 counter)."""
-        raise NotImplementedError
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        owner = type(self).__name__
-        _check_keys(type(self), state, [*self._config_keys, "state"])
-        # Validate everything on a throwaway instance first, so bad input changes nothing.
-        checked = type(self)(**{k: state[k] for k in self._config_keys})
-        inner = state["state"]
-        if not isinstance(inner, dict):
-            raise TypeError(f"{owner}.load_state_dict: state['state'] must be a dict")
-        spec = checked._state_spec()
-        if inner and set(inner) != set(spec):
-            raise ValueError(
-                f"{owner}.load_state_dict: state['state'] must have keys {sorted(spec)} "
-                f"(or be empty), got {sorted(map(str, inner))}"
-            )
-        tensors = {
-            k: _check_tensor(owner, k, inner[k], shape, integer).detach().clone()
-            for k, (shape, integer) in spec.items()
-            if inner
-        }
-        checked._check_state(tensors)
-        for k in self._config_keys:
-            setattr(self, k, getattr(checked, k))
-        self._state = tensors
-
-    def _check_state(self, tensors: dict[str, Tensor]) -> None:
-        """Cross-checks beyond shapes and kinds (load time only)."""
-        return None
-
-
-class QuantileClip(_StatefulPolicy):
+class QuantileClip(ClipPolicy):
     """Clip the total norm to the p-th quantile of a bounded history of norms (AutoClip).
 
     Seetharaman, Wichern, Pardo & Le Roux, "AutoClip: Adaptive Gradient Clipping for Source
@@ -268,9 +230,12 @@ class QuantileClip(_StatefulPolicy):
         max_norm: a fixed cap and the warm-up threshold; ``None`` for none.
         feed: ``"raw"`` or ``"clipped"``, see above.
 
+    Raises:
+        ValueError: an argument out of range.
+
     Example:
         >>> policy = QuantileClip(quantile=0.9, history=1000)
-        >>> limit = policy.threshold(norms); ...; policy.update(norms, clipped, accepted)
+        >>> c = policy.clip_(grads, norms); policy.update(norms, c.learn, accepted)
     """
 
     scope: ClassVar[str] = "global"
@@ -285,21 +250,21 @@ class QuantileClip(_StatefulPolicy):
         feed: str = "raw",
     ) -> None:
         super().__init__()
-        self.quantile = _fraction("quantile", quantile, closed_low=True, closed_high=True)
-        self.history = _int("history", history, 1)
-        self.warmup = _int("warmup", warmup, 1)
+        self.quantile = fraction("quantile", quantile, closed_low=True, closed_high=True)
+        self.history = as_int("history", history, 1)
+        self.warmup = as_int("warmup", warmup, 1)
         if self.warmup > self.history:
             raise ValueError(f"warmup must be <= history ({self.history}), got {warmup!r}")
-        self.max_norm = _optional_threshold("max_norm", max_norm)
+        self.max_norm = optional_threshold("max_norm", max_norm)
         if feed not in ("raw", "clipped"):
             raise ValueError(f"feed must be 'raw' or 'clipped', got {feed!r}")
         self.feed = feed
 
-    def _state_spec(self) -> dict[str, tuple[tuple[int, ...] | None, bool]]:
-        return {"buffer": ((self.history,), False), "count": ((), True)}
+    def _state_spec(self) -> dict[str, Spec]:
+        return {"buffer": Spec((self.history,)), "count": Spec((), integer=True)}
 
     def _fresh_state(self, like: Tensor) -> dict[str, Tensor]:
-        dt = _stat_dtype(like)
+        dt = stat_dtype(like)
         return {
             "buffer": torch.full((self.history,), math.nan, dtype=dt, device=like.device),
             "count": torch.zeros((), dtype=torch.int64, device=like.device),
@@ -320,7 +285,7 @@ class QuantileClip(_StatefulPolicy):
             raise TypeError("QuantileClip is a global policy: clipped must be a 0-dim tensor")
         buf, count = st["buffer"], st["count"]
         value = (norms.total if self.feed == "raw" else clipped).to(buf.device, buf.dtype)
-        ok = _as_bool(accepted, buf.device) & value.isfinite()
+        ok = as_bool(accepted, buf.device) & value.isfinite()
         slot = torch.arange(self.history, device=buf.device) == count % self.history
         st["buffer"] = torch.where(slot & ok, value, buf)
         st["count"] = count + ok.to(torch.int64)
@@ -335,7 +300,7 @@ class QuantileClip(_StatefulPolicy):
 ZCLIP_MODES = ("adaptive", "zscore", "mean")
 
 
-class ZScoreClip(_StatefulPolicy):
+class ZScoreClip(ClipPolicy):
     """Clip the total norm when its z-score over EMA statistics is an outlier (ZClip).
 
     Kumar, Owen, Chowdhury & Güra, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"
@@ -347,12 +312,19 @@ class ZScoreClip(_StatefulPolicy):
     * ``mode="zscore"`` (the package's ``percentile`` mode): always ``mu + z_t * sigma``;
     * ``mode="mean"`` (the package's ``clip_option="mean"``): ``mu`` when ``z > z_t``.
 
-    Statistics: over the first ``warmup`` accepted finite norms ``mu`` is their mean and
-    ``sigma**2`` their population variance (Welford's running form: no buffer), and afterwards
-    ``mu <- alpha mu + (1 - alpha) c``, ``var <- alpha var + (1 - alpha) (c - mu)**2`` with the
-    new ``mu``, where ``c`` is the post-clip norm. Unlike ``zclip`` 1.0.0, a NaN/inf norm or a
-    step the guard did not accept leaves them unchanged (one NaN makes the package's mean NaN for
-    the rest of the run), and the warm-up uses post-clip norms.
+    What it learns, as ZClip and the paper do: the norm clipped to the threshold in force,
+    ``c = min(g, threshold)``, so on a clipped step the threshold itself (not the post-clip
+    norm ``threshold * g / (g + 1e-6)``, which drifts from ZClip by ``1e-6 / g`` relative per
+    clipped step: 1e-3 at norms of 1e-3). Over the first ``warmup`` accepted finite norms
+    ``mu`` is the mean of ``c`` and ``sigma**2`` its population variance (Welford's running
+    form: no buffer); afterwards ``mu <- alpha mu + (1 - alpha) c`` and
+    ``var <- alpha var + (1 - alpha) (c - mu)**2`` with the new ``mu``.
+
+    Unlike ``zclip`` 1.0.0: a NaN/inf norm or a step the guard did not accept leaves the
+    statistics unchanged (one NaN makes the package's mean NaN for the rest of the run); and
+    ``max_norm``, part of the threshold in force, also bounds what is learned (the package
+    learns its z-rule threshold uncapped by ``max_grad_norm``, and raw norms during warm-up).
+    With ``max_norm=None`` (the default) the statistics equal the package's.
 
     Warm-up: until ``warmup`` accepted finite norms have been seen the threshold is
     ``max_norm`` (``None``: no clipping). ``max_norm`` also caps it afterwards, like the package's
@@ -366,9 +338,12 @@ class ZScoreClip(_StatefulPolicy):
         max_norm: a fixed cap and the warm-up threshold; ``None`` for none.
         eps: added to sigma in the z-score, ``>= 0``.
 
+    Raises:
+        ValueError: an argument out of range.
+
     Example:
         >>> policy = ZScoreClip()   # alpha=0.97, z_thresh=2.5, warmup=25
-        >>> limit = policy.threshold(norms)
+        >>> c = policy.clip_(grads, norms); policy.update(norms, c.learn, accepted)
     """
 
     scope: ClassVar[str] = "global"
@@ -384,19 +359,19 @@ class ZScoreClip(_StatefulPolicy):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self.alpha = _fraction("alpha", alpha, closed_low=True, closed_high=False)
+        self.alpha = fraction("alpha", alpha, closed_low=True, closed_high=False)
         self.z_thresh = _validate.threshold("z_thresh", z_thresh, allow_zero=False)
-        self.warmup = _int("warmup", warmup, 1)
+        self.warmup = as_int("warmup", warmup, 1)
         if mode not in ZCLIP_MODES:
             raise ValueError(f"mode must be one of {ZCLIP_MODES}, got {mode!r}")
         self.mode = mode
-        self.max_norm = _optional_threshold("max_norm", max_norm)
+        self.max_norm = optional_threshold("max_norm", max_norm)
         self.eps = _validate.threshold("eps", eps)
 
-    def _state_spec(self) -> dict[str, tuple[tuple[int, ...] | None, bool]]:
-        return {"count": ((), True), "mean": ((), False), "var": ((), False)}
+    def _state_spec(self) -> dict[str, Spec]:
+        return {"count": Spec((), integer=True), "mean": Spec(()), "var": Spec(())}
 
-    def _check_state(self, tensors: dict[str, Tensor]) -> None:
+    def _check_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> dict[str, Any]:
         if tensors and not bool(
             tensors["mean"].isfinite() & tensors["var"].isfinite() & (tensors["var"] >= 0)
         ):
@@ -404,9 +379,10 @@ class ZScoreClip(_StatefulPolicy):
                 "ZScoreClip.load_state_dict: mean and var must be finite and var >= 0 "
                 "(a NaN here would disable clipping for the rest of the run)"
             )
+        return {}
 
     def _fresh_state(self, like: Tensor) -> dict[str, Tensor]:
-        dt, dev = _stat_dtype(like), like.device
+        dt, dev = stat_dtype(like), like.device
         return {
             "count": torch.zeros((), dtype=torch.int64, device=dev),
             "mean": torch.zeros((), dtype=dt, device=dev),
@@ -420,14 +396,14 @@ class ZScoreClip(_StatefulPolicy):
         z = (g - st["mean"]) / (st["var"].sqrt() + self.eps)
         return torch.where(st["count"] >= self.warmup, z, 0.0)
 
-    def threshold(self, norms: GradNorms) -> Tensor:
-        st = self._ensure(norms.total)
+    def _limit(self, g: Tensor, st: dict[str, Tensor]) -> Tensor:
+        """The threshold in force for the norm ``g``, in the statistics' dtype."""
         mean, count = st["mean"], st["count"]
         std = st["var"].sqrt()
         if self.mode == "zscore":
             limit = mean + self.z_thresh * std
         else:
-            z = (norms.total.to(mean.dtype) - mean) / (std + self.eps)
+            z = (g - mean) / (std + self.eps)
             # z > z_t > 0 wherever this branch is kept, so the division is safe.
             outlier = mean + self.z_thresh**2 * std / z if self.mode == "adaptive" else mean
             limit = torch.where(z > self.z_thresh, outlier, math.inf)
@@ -435,15 +411,24 @@ class ZScoreClip(_StatefulPolicy):
         limit = torch.where(count >= self.warmup, limit, fallback)
         if self.max_norm is not None:
             limit = limit.clamp(max=self.max_norm)
-        return limit.to(norms.total.dtype)
+        return limit
+
+    def threshold(self, norms: GradNorms) -> Tensor:
+        st = self._ensure(norms.total)
+        return self._limit(norms.total.to(st["mean"].dtype), st).to(norms.total.dtype)
 
     def update(self, norms: GradNorms, clipped: Tensor | list[Tensor], accepted: Tensor) -> None:
+        """Learn ``min(g, threshold)`` (class docstring); ``clipped`` is not used, since the
+        post-clip norm carries the ``1e-6`` of the clip coefficient."""
         st = self._ensure(norms.total)
         if not isinstance(clipped, Tensor):
             raise TypeError("ZScoreClip is a global policy: clipped must be a 0-dim tensor")
         count, mean, var = st["count"], st["mean"], st["var"]
-        c = clipped.to(mean.device, mean.dtype)
-        ok = _as_bool(accepted, mean.device) & c.isfinite()
+        g = norms.total.to(mean.device, mean.dtype)
+        # The statistics have not changed since threshold(): this is the threshold in force.
+        c = torch.minimum(g, self._limit(g, st))
+        # g, not c: an inf norm is finite after min() with a finite threshold.
+        ok = as_bool(accepted, mean.device) & g.isfinite()
         # One update rule with weight w: during warm-up w = 1/k is Welford's running mean and
         # population variance of the first k norms (what ZClip computes from its buffer); then
         # w = 1 - alpha is ZClip's EMA, var <- alpha var + (1 - alpha)(c - new mean)^2. A step
@@ -466,7 +451,7 @@ class ZScoreClip(_StatefulPolicy):
         )
 
 
-class EMARatioClip(_StatefulPolicy):
+class EMARatioClip(ClipPolicy):
     """Per-tensor clipping to ``ratio`` times an EMA of each tensor's own clipped norm (AdaGC).
 
     Wang et al., "AdaGC: Improving Training Stability for Large Language Model Pretraining"
@@ -480,6 +465,9 @@ class EMARatioClip(_StatefulPolicy):
     Non-finite, zero (unused or frozen tensors: a zero ``gamma_i`` would pin that tensor's
     threshold at 0 for good) and unaccepted norms are ignored. A tensor with no ``gamma`` yet
     is not clipped after warm-up. The number of gradients must stay the same between calls.
+    :meth:`clip_` clips each gradient to its own threshold
+    (:func:`gradguard.clip.clip_each_with_norms_`) and ``Clipped.learn`` is the list of
+    post-clip norms.
 
     Args:
         ratio: lambda_rel ``> 0`` (1.05 in the paper).
@@ -488,12 +476,13 @@ class EMARatioClip(_StatefulPolicy):
         max_norm: lambda_abs, the warm-up global threshold (1.0 in the paper); ``None``: no
             clipping during warm-up.
 
-    Returns:
-        ``threshold`` gives one 0-dim tensor per gradient, in ``norms.per_tensor`` order.
+    Raises:
+        ValueError: an argument out of range, or (at a step) a changed number of gradients.
 
     Example:
         >>> policy = EMARatioClip(ratio=1.05, beta=0.98, warmup=100)
         >>> limits = policy.threshold(grad_norms(grads))   # list, one per gradient
+        >>> c = policy.clip_(grads, norms); policy.update(norms, c.learn, accepted)
     """
 
     scope: ClassVar[str] = "tensor"
@@ -508,32 +497,30 @@ class EMARatioClip(_StatefulPolicy):
     ) -> None:
         super().__init__()
         self.ratio = _validate.threshold("ratio", ratio, allow_zero=False)
-        self.beta = _fraction("beta", beta, closed_low=True, closed_high=False)
-        self.warmup = _int("warmup", warmup, 0)
-        self.max_norm = _optional_threshold("max_norm", max_norm)
+        self.beta = fraction("beta", beta, closed_low=True, closed_high=False)
+        self.warmup = as_int("warmup", warmup, 0)
+        self.max_norm = optional_threshold("max_norm", max_norm)
+        self._n = 0  # gradients the next fresh state is sized for
 
-    def _state_spec(self) -> dict[str, tuple[tuple[int, ...] | None, bool]]:
-        return {"gamma": (None, False), "count": ((), True)}
+    def _state_spec(self) -> dict[str, Spec]:
+        return {"gamma": Spec(None), "count": Spec((), integer=True)}
 
-    def _check_state(self, tensors: dict[str, Tensor]) -> None:
+    def _check_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> dict[str, Any]:
         if tensors and bool((tensors["gamma"] <= 0).any() | tensors["gamma"].isinf().any()):
             raise ValueError(
                 "EMARatioClip.load_state_dict: gamma must be finite and > 0, or NaN (unset)"
             )
+        return {}
 
     def _fresh_state(self, like: Tensor) -> dict[str, Tensor]:
-        raise AssertionError("EMARatioClip sizes its state from the number of gradients")
+        return {
+            "gamma": torch.full((self._n,), math.nan, dtype=stat_dtype(like), device=like.device),
+            "count": torch.zeros((), dtype=torch.int64, device=like.device),
+        }
 
     def _ensure_n(self, norms: GradNorms) -> dict[str, Tensor]:
-        n = len(norms.per_tensor)
-        like = norms.total
-        if not self._state:
-            dt = _stat_dtype(like)
-            self._state = {
-                "gamma": torch.full((n,), math.nan, dtype=dt, device=like.device),
-                "count": torch.zeros((), dtype=torch.int64, device=like.device),
-            }
-        st = self._ensure(like)
+        n = self._n = len(norms.per_tensor)
+        st = self._ensure(norms.total)
         if st["gamma"].numel() != n:
             raise ValueError(
                 f"EMARatioClip was fitted to {st['gamma'].numel()} gradients, got {n}; "
@@ -544,7 +531,7 @@ class EMARatioClip(_StatefulPolicy):
     def threshold(self, norms: GradNorms) -> list[Tensor]:
         st = self._ensure_n(norms)
         gamma, count = st["gamma"], st["count"]
-        per = _stack(norms.per_tensor, gamma)
+        per = stack(norms.per_tensor, gamma)
         total = norms.total.to(gamma.device, gamma.dtype)
         if self.max_norm is None:
             warm = torch.full_like(per, math.inf)
@@ -562,8 +549,8 @@ class EMARatioClip(_StatefulPolicy):
                 "per gradient"
             )
         gamma, count = st["gamma"], st["count"]
-        c = _stack(clipped, gamma)
-        acc = _as_bool(accepted, gamma.device) & norms.total.to(gamma.device).isfinite()
+        c = stack(clipped, gamma)
+        acc = as_bool(accepted, gamma.device) & norms.total.to(gamma.device).isfinite()
         ok = acc & c.isfinite() & (c > 0)
         in_warmup = count < self.warmup
         warm_gamma = torch.fmin(gamma, c)  # fmin: a NaN (unset) gamma takes c
@@ -581,47 +568,101 @@ class EMARatioClip(_StatefulPolicy):
 class AGCPolicy(ClipPolicy):
     """Unit-wise adaptive gradient clipping as a policy (NFNets, arXiv 2102.06171).
 
-    AGC needs the weights, not just the gradient norms, so it acts itself: the guard calls
-    :meth:`clip_` (a wrapper over :func:`gradguard.agc.agc_`). :meth:`threshold` is ``+inf`` so
-    that a global clip on top of it changes nothing. AGC has no statistics and no warm-up.
+    Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image Recognition Without
+    Normalization". AGC needs the weights, not just the gradient norms, so :meth:`clip_`
+    clips ``params`` with :func:`gradguard.agc.agc_` and then measures the result.
+    :meth:`threshold` is ``+inf``, so that a global clip on top of it changes nothing. AGC has
+    no statistics and no warm-up.
 
     Args:
         clip_factor: lambda ``> 0`` (0.01 for large batches in the paper).
         eps: floor on a unit's weight norm, ``> 0`` (1e-3).
         exclude: module names, modules or parameters left unclipped (the classifier, in NFNets);
             not part of ``state_dict`` (modules do not serialize), pass them again on resume.
+            Module names need ``params`` to be the model.
+
+    Raises:
+        ValueError: an argument out of range.
 
     Example:
         >>> policy = AGCPolicy(0.01, exclude=["fc"])
-        >>> policy.clip_(model)    # number of clipped units, 0-dim tensor
+        >>> c = policy.clip_(grads, grad_norms(grads), model)
+        >>> c.clipped     # did any unit get scaled down
+        tensor(True)
     """
 
     scope: ClassVar[str] = "unit"
+    _config_keys = ("clip_factor", "eps")
 
     def __init__(
         self, clip_factor: float = 0.01, eps: float = 1e-3, exclude: Iterable[Exclusion] = ()
     ) -> None:
+        super().__init__()
         self.clip_factor = _validate.threshold("clip_factor", clip_factor, allow_zero=False)
         self.eps = _validate.threshold("eps", eps, allow_zero=False)
         self.exclude = (
             list(exclude) if not isinstance(exclude, (str, nn.Module, Tensor)) else [exclude]
         )
 
-    def clip_(self, parameters: nn.Module | Iterable[Tensor]) -> Tensor:
-        """Clip ``parameters``' gradients unit-wise in place; returns the clipped-unit count."""
-        return agc_(parameters, self.clip_factor, self.eps, exclude=self.exclude)
+    @overload
+    def clip_(self, grads: Parameters) -> Tensor: ...
+
+    @overload
+    def clip_(
+        self,
+        grads: Sequence[Tensor],
+        norms: GradNorms,
+        params: Parameters | None = None,
+        *,
+        norm_type: float = 2.0,
+        foreach: bool | None = None,
+    ) -> Clipped: ...
+
+    @torch.no_grad()
+    def clip_(
+        self,
+        grads: Any,
+        norms: GradNorms | None = None,
+        params: Parameters | None = None,
+        *,
+        norm_type: float = 2.0,
+        foreach: bool | None = None,
+    ) -> Clipped | Tensor:
+        """Clip ``params``' gradients unit-wise in place, then measure them again.
+
+        Args:
+            grads: all the gradients (measured again after clipping for ``Clipped.total``).
+            norms: their pre-clip norms (for the device of the results).
+            params: the parameters whose gradients AGC clips (a module, so that ``exclude``
+                can name submodules, or tensors).
+            norm_type: the p for the post-clip total.
+            foreach: torch's flag.
+
+        Returns:
+            :class:`~gradguard.clip.Clipped` with threshold ``+inf``, ``clipped`` True when
+            any unit was scaled down, and the post-clip total (also ``learn``). The older
+            one-argument form ``clip_(parameters)`` returns the number of clipped units
+            (0-dim int64); it stays until the guard calls the full form.
+
+        Raises:
+            TypeError: ``params`` missing.
+        """
+        if norms is None:  # the one-argument form: clip_(parameters) -> clipped-unit count
+            return agc_(grads, self.clip_factor, self.eps, exclude=self.exclude)
+        if params is None:
+            raise TypeError("AGCPolicy.clip_ needs params: AGC clips relative to the weights")
+        count = agc_(params, self.clip_factor, self.eps, exclude=self.exclude, foreach=foreach)
+        device = norms.total.device
+        total = grad_norms(grads, norm_type, foreach=foreach).total.to(device)
+        return Clipped(
+            threshold=torch.full((), math.inf, dtype=torch.float32, device=device),
+            clipped=(count > 0).to(device),
+            total=total.float(),
+            learn=total,
+        )
 
     def threshold(self, norms: GradNorms) -> Tensor:
-        return _scalar_like(math.inf, norms.total)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"clip_factor": self.clip_factor, "eps": self.eps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_keys(type(self), state, ["clip_factor", "eps"])
-        cf = _validate.threshold("clip_factor", state["clip_factor"], allow_zero=False)
-        self.eps = _validate.threshold("eps", state["eps"], allow_zero=False)
-        self.clip_factor = cf
+        return scalar_like(math.inf, norms.total)
 
     def __repr__(self) -> str:
         return f"AGCPolicy(clip_factor={self.clip_factor}, eps={self.eps})"
