@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradguard.clip import clip_coefficient
 from gradguard.detect import Detection, Detector, Signals
 from gradguard.norms import GradNorms
 from gradguard.policies import ClipPolicy
@@ -146,12 +147,13 @@ def norm_sequence(
 
 
 def simulate_clip(policy: ClipPolicy, norms: GradNorms) -> tuple[Any, Tensor | list[Tensor]]:
-    """The threshold and the post-clip norm(s) a guard would feed back, torch's coefficient."""
+    """The threshold and the post-clip norm(s) a guard would feed back (``Clipped.learn`` of
+    :meth:`ClipPolicy.clip_` on a finite step), without any gradients: the coefficient is
+    :func:`gradguard.clip.clip_coefficient`, the one the clip uses."""
     limit = policy.threshold(norms)
     if isinstance(limit, Tensor):
-        coef = (limit / (norms.total + 1e-6)).clamp(max=1.0)
-        return limit, norms.total * coef
-    clipped = [n * (t / (n + 1e-6)).clamp(max=1.0) for n, t in zip(norms.per_tensor, limit)]
+        return limit, norms.total * clip_coefficient(limit, norms.total, "skip")
+    clipped = [n * clip_coefficient(t, n, "skip") for n, t in zip(norms.per_tensor, limit)]
     return limit, clipped
 
 

@@ -353,3 +353,37 @@ def test_bad_state_changes_nothing() -> None:
                 "state": {"run": torch.zeros(2, dtype=torch.int64)},
             }
         )
+
+
+def test_state_of_gradguard_0_1_still_loads() -> None:
+    """The flat layout (tensors beside the config, None before the first step) loads into
+    today's layout (tensors under "state") and continues identically."""
+    seq = C.signal_sequence(30, loss_spikes={25: 20.0})
+    spike = SpikeDetector(window=8, warmup=3)
+    van = VanishingDetector(floor=0.5, patience=2)
+    for det in (spike, van):
+        C.drive_detector(det, seq[:20])
+    flat_spike = {
+        **{k: v for k, v in spike.state_dict().items() if k != "state"},
+        **spike.state_dict()["state"],
+    }
+    flat_van = {"floor": 0.5, "patience": 2, "names": van.state_dict()["names"]}
+    flat_van["run"] = van.state_dict()["state"]["run"]
+    for det, flat, fresh in (
+        (spike, flat_spike, SpikeDetector(window=8, warmup=3)),
+        (van, flat_van, VanishingDetector(floor=0.5, patience=2)),
+    ):
+        fresh.load_state_dict(flat)
+        a, b = C.drive_detector(det, seq[20:]), C.drive_detector(fresh, seq[20:])
+        assert all(C.same(x.score, y.score) and C.same(x.flag, y.flag) for x, y in zip(a, b))
+    empty = {**flat_spike, "buffer": None, "count": None}
+    fresh_spike = SpikeDetector(window=8, warmup=3)
+    fresh_spike.load_state_dict(empty)
+    assert fresh_spike.state_dict()["state"] == {}
+
+
+def test_detectors_declare_their_default_response() -> None:
+    assert NonFiniteDetector.default_response is None  # the guard's default ladder
+    assert SpikeDetector.default_response is None
+    assert VanishingDetector.default_response == ("log",)
+    assert UpdateRatioDetector.default_response == ("log",)
