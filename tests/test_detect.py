@@ -12,6 +12,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gradguard.detect import (
+    Detection,
+    Detector,
     NonFiniteDetector,
     Signals,
     SpikeDetector,
@@ -387,3 +389,20 @@ def test_detectors_declare_their_default_response() -> None:
     assert SpikeDetector.default_response is None
     assert VanishingDetector.default_response == ("log",)
     assert UpdateRatioDetector.default_response == ("log",)
+
+
+def test_a_user_detector_without_declared_state_keeps_working() -> None:
+    class Above(Detector):  # constructor arguments, no _config_keys, no super().__init__()
+        def __init__(self, limit: float) -> None:
+            self.limit = limit
+
+        def check(self, s: Signals) -> Detection:
+            flag = s.total_norm > self.limit
+            return Detection(flag, flag.float())
+
+    det = Above(3.0)
+    assert det.state_dict() == {}
+    det.load_state_dict({})
+    with pytest.raises(TypeError, match="expects a dict"):
+        det.load_state_dict("garbage")  # type: ignore[arg-type]
+    assert det.limit == 3.0 and bool(det.check(sig(per=[4.0, 0.0])).flag)

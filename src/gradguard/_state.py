@@ -262,8 +262,13 @@ class Stateful:
         owner = type(self).__name__
         has_state = bool(self._state_spec())
         check_keys(owner, state, [*self._config_keys, *(["state"] if has_state else [])])
-        # Validate on a throwaway instance first, so that bad input changes nothing here.
-        checked = type(self)(**{k: state[k] for k in self._config_keys})  # type: ignore[call-arg]
+        # Validate on a throwaway instance first, so that bad input changes nothing here. Without
+        # config there is nothing to rebuild (and a subclass may need constructor arguments).
+        checked = (
+            type(self)(**{k: state[k] for k in self._config_keys})  # type: ignore[call-arg]
+            if self._config_keys
+            else self
+        )
         tensors: dict[str, Tensor] = {}
         if has_state:
             inner = state["state"]

@@ -574,6 +574,10 @@ class AGCPolicy(ClipPolicy):
     :meth:`threshold` is ``+inf``, so that a global clip on top of it changes nothing. AGC has
     no statistics and no warm-up.
 
+    Unlike the threshold policies, a step with non-finite gradients is not left untouched:
+    :func:`~gradguard.agc.agc_` still scales every unit it can (a NaN unit stays NaN, an inf
+    unit turns NaN). The guard skips such a step, so the update never sees them.
+
     Args:
         clip_factor: lambda ``> 0`` (0.01 for large batches in the paper).
         eps: floor on a unit's weight norm, ``> 0`` (1e-3).
