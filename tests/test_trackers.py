@@ -119,6 +119,12 @@ mlflow_sqlalchemy = pytest.mark.filterwarnings(
 )
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's sqlite store puts artifacts under ./mlruns: keep them out of the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def sql_store(value: float) -> float:
     """What MLflow's SQL stores keep: +-inf as the largest finite float, NaN as NaN."""
     return math.copysign(sys.float_info.max, value) if math.isinf(value) else value
