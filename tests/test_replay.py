@@ -418,3 +418,34 @@ def test_the_worked_example_in_the_docs_runs_and_prints_what_it_says(tmp_path, m
     ).stdout
     assert out == printed
     assert json.loads((tmp_path / "incident-30.json").read_text())["culprits"] == [11]
+
+
+class KeywordModel(nn.Module):
+    """A model called as Hugging Face models are: ``model(**batch)``, returning ``{"loss"}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = L.mlp(dropout=0.0)
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.body(inputs)
+        return {"logits": out, "loss": nn.functional.mse_loss(out, labels)}
+
+
+def test_keyword_batch_as_a_framework_hands_it(tmp_path):
+    model = KeywordModel()
+    x, y = L.batch(0)
+    x[7] = float("inf")
+    batch = {"inputs": x, "labels": y}
+    out = model(**batch)
+    out["loss"].backward()
+    path = IncidentWriter(tmp_path).write(
+        step=0, position=0, action="skip", signal="nonfinite", reason="inf loss", batch=batch,
+        rng=forward_rng_state(), model=model, optimizer=adam(model),
+        recorded={"loss": out["loss"].detach(), "grad_norm": L.grad_norm(model)},
+    )  # fmt: skip
+    assert path is not None and set(load_bundle(path).batch) == {"inputs", "labels"}
+    r = replay(path, KeywordModel)
+    assert r.kind == "data", r.summary
+    assert r.culprits == [7]

@@ -65,6 +65,7 @@ __all__ = ["KINDS", "NotReproducible", "Replay", "ReplayError", "replay"]
 KINDS = ("data", "transient", "optimizer-state", "model-state", "numerics", "unclassified")
 LossFn = Callable[[Any, Any], Tensor]
 _LOW = (torch.float16, torch.bfloat16)
+_MAX_TRIES = 16  # re-runs of the batch without 1, 2, ... suspects before trying all of them
 # Ops whose output is uninitialized memory: garbage there is not a NaN "born" in the model.
 _UNINITIALIZED = ("empty", "new_empty", "empty_like", "empty_strided", "resize_", "set_")
 
@@ -173,7 +174,20 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 def _n_rows(batch: Any) -> int | None:
     x = model_input(batch)
+    if isinstance(x, Mapping):  # keyword batches (Hugging Face): the first tensor's rows
+        x = next((t for t in tree_flatten(x)[0] if isinstance(t, Tensor)), None)
     return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() >= 1 else None
+
+
+def _forward(model: nn.Module, batch: Any) -> Any:
+    x = model_input(batch)
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def _loss(output: Any, batch: Any) -> Tensor:
+    """The model's own loss when it returns one (Hugging Face), else ``default_loss``."""
+    own = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    return own if isinstance(own, Tensor) else default_loss(output, batch)
 
 
 def _take(batch: Any, rows: list[int], n: int) -> Any:
@@ -263,7 +277,7 @@ class _Runner:
         if self.rng is not None:
             _set_rng(self.rng)
         with self._autocast():
-            out = self.model(model_input(batch))
+            out = _forward(self.model, batch)
             loss = self.loss_fn(out, batch)
         grads: list[Tensor | None] = list(torch.autograd.grad(loss, self.params, allow_unused=True))
         present = [g.detach().double().pow(2).sum() for g in grads if g is not None]
@@ -272,6 +286,19 @@ class _Runner:
 
 
 # --------------------------------------------------------------------------- where NaN is born
+
+# Private torch hooks into the autograd engine (present since torch 2.1); without them the
+# backward pass is still traced, only its module is not named.
+_current_autograd_node = getattr(torch._C, "_current_autograd_node", None)
+_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
+
+
+def _current_node() -> Any:
+    return _current_autograd_node() if _current_autograd_node is not None else None
+
+
+def _seq() -> int:
+    return int(_sequence_nr()) if _sequence_nr is not None else -1
 
 
 class _Births(TorchDispatchMode):
@@ -283,11 +310,12 @@ class _Births(TorchDispatchMode):
         self.module_at = module_at
         self.found: dict[str, Any] | None = None
 
-    def _param(self, t: Tensor) -> str | None:
+    def _describe(self, t: Tensor) -> dict[str, Any]:
         try:
-            return self.params.get(t.untyped_storage().data_ptr())
+            param = self.params.get(t.untyped_storage().data_ptr())
         except RuntimeError:  # tensors without storage (meta, sparse)
-            return None
+            param = None
+        return {**_range(t), "parameter": param}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -297,11 +325,13 @@ class _Births(TorchDispatchMode):
         # input (uninitialized buffers may hold anything).
         ins = _floats((args, {k: v for k, v in kwargs.items() if k != "out"}))
         ins_finite = [_all_finite(t) for t in ins]
-        inputs = [{**_range(t), "parameter": self._param(t)} for t in ins]
+        mutable = bool(getattr(getattr(func, "_schema", None), "is_mutable", True))
+        before = [self._describe(t) for t in ins] if mutable else None
         out = func(*args, **kwargs)
         outs = _floats(out)
         if outs and not all(_all_finite(t) for t in outs):
-            node = torch._C._current_autograd_node()
+            node = _current_node()
+            inputs = before if before is not None else [self._describe(t) for t in ins]
             self.found = {
                 "op": str(func.overloadpacket),
                 "overload": str(func),
@@ -311,7 +341,9 @@ class _Births(TorchDispatchMode):
                 "born": all(ins_finite),
                 "inputs": inputs,
                 "output": _range(outs[0]),
-                "scalars": [a for a in args if isinstance(a, (int, float)) and a is not True],
+                "scalars": [
+                    a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)
+                ],
             }
         return out
 
@@ -335,7 +367,7 @@ def _module_tracker(model: nn.Module) -> Iterator[Callable[[Any], str | None]]:
     def pre(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
             stack.append(name)
-            starts.append(torch._C._autograd._get_sequence_nr())
+            starts.append(_seq())
 
         return hook
 
@@ -343,7 +375,7 @@ def _module_tracker(model: nn.Module) -> Iterator[Callable[[Any], str | None]]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if stack:
                 stack.pop()
-                spans.append((starts.pop(), torch._C._autograd._get_sequence_nr(), name))
+                spans.append((starts.pop(), _seq(), name))
 
         return hook
 
@@ -583,18 +615,23 @@ def _per_sample(runner: _Runner, batch: Any, n: int, max_rows: int) -> list[dict
     return rows
 
 
-def _culprits(rows: list[dict[str, Any]], factor: float) -> list[int]:
-    if not rows or "error" in rows[0]:
-        return []
-    med_g = _median([r["grad_norm"] for r in rows])
-    med_l = _median([abs(r["loss"]) for r in rows])
-    out = []
+def _suspects(rows: list[dict[str, Any]], nonfinite_rows: list[int], factor: float) -> list[int]:
+    """Rows that may carry the blow-up, worst first: NaN/inf rows, then outliers (``factor``
+    times the median row's loss or gradient norm) by how far out they are."""
+    if rows and "error" in rows[0]:
+        rows = []
+    med_g = _median([r["grad_norm"] for r in rows]) or 0.0
+    med_l = _median([abs(r["loss"]) for r in rows]) or 0.0
+    scored: dict[int, float] = {i: math.inf for i in nonfinite_rows}
     for r in rows:
-        g, loss = r["grad_norm"], r["loss"]
-        nonfinite = not (math.isfinite(g) and math.isfinite(loss))
-        if nonfinite or (med_g and g > factor * med_g) or (med_l and abs(loss) > factor * med_l):
-            out.append(r["row"])
-    return out
+        g, loss = r["grad_norm"], abs(r["loss"])
+        if not (math.isfinite(g) and math.isfinite(loss)):
+            scored[r["row"]] = math.inf
+            continue
+        score = max(g / med_g if med_g else 0.0, loss / med_l if med_l else 0.0)
+        if score > factor:
+            scored.setdefault(r["row"], score)
+    return sorted(scored, key=lambda i: (-scored[i], i))
 
 
 def _known_good(batch: Any, n: int | None, culprits: list[int]) -> list[tuple[str, Any]]:
@@ -651,8 +688,9 @@ def replay(
         model_factory: the convention of :func:`gradguard.diagnose`'s CLI: a callable
             returning ``model``, ``(model, batch)`` or ``(model, batch, loss_fn)``; or the
             model itself. Its batch is used only when the bundle holds none.
-        loss_fn: ``loss_fn(output, batch) -> scalar``; ``None``: the factory's, else
-            :func:`gradguard.diagnose.default_loss`.
+        loss_fn: ``loss_fn(output, batch) -> scalar``; ``None``: the factory's, else the
+            model's own ``output.loss`` when it returns one (Hugging Face, called with
+            ``model(**batch)`` on a dict batch), else :func:`gradguard.diagnose.default_loss`.
         optimizer_factory: ``optimizer_factory(model) -> optimizer`` for an optimizer outside
             ``torch.optim`` (its state is loaded from the bundle); ``None`` rebuilds the
             recorded ``torch.optim`` class with the recorded param groups.
@@ -715,7 +753,7 @@ def _replay(
         batch = example
         notes.append("the bundle holds no batch; replayed the factory's batch instead")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    case = _Case(b, model, fn or default_loss, _to(batch, device), factor, notes)
+    case = _Case(b, model, fn or _loss, _to(batch, device), factor, notes)
     case.result.meta["factor"] = factor
     checks = (
         lambda: case.transient(rtol),
@@ -854,19 +892,35 @@ class _Case:
             r.notes.append(f"per-sample analysis failed: {r.rows[0]['error']}")
         elif len(r.rows) < n:
             r.notes.append(f"per-sample analysis covered the first {len(r.rows)} of {n} rows")
-        culprits = sorted(set(nonfinite_rows) | set(_culprits(r.rows, self.factor)))
-        if not culprits or len(culprits) == n:
+        # The fewest suspects, worst first, without which the step is sane: a row can be an
+        # outlier by chance (squared errors vary), but then removing it is not needed.
+        suspects = _suspects(r.rows, nonfinite_rows, self.factor)
+        if not suspects:
             return False
-        keep = [i for i in range(n) if i not in set(culprits)]
-        without = self.runner(_take(self.batch, keep, n))
-        r.without_culprits = {"loss": without.loss, "grad_norm": without.grad_norm}
-        if self.extreme(without):
+        first = max(1, sum(1 for i in suspects if i in set(nonfinite_rows)))
+        sizes = list(range(first, min(len(suspects), n - 1, first + _MAX_TRIES) + 1))
+        if len(suspects) < n and len(suspects) not in sizes:
+            sizes.append(len(suspects))
+        without = None
+        for k in sizes:
+            keep = [i for i in range(n) if i not in set(suspects[:k])]
+            without = self.runner(_take(self.batch, keep, n))
+            r.without_culprits = {"loss": without.loss, "grad_norm": without.grad_norm}
+            if not self.extreme(without):
+                r.culprits = sorted(suspects[:k])
+                break
+        if not r.culprits or without is None:
             return False
-        r.culprits = culprits
+        culprits = r.culprits
         detail = []
         for i in culprits[:5]:
             row = next((x for x in r.rows if x.get("row") == i), {})
-            why = "holds NaN/inf" if i in nonfinite_rows else "is an outlier"
+            finite = _fin(row.get("loss")) and _fin(row.get("grad_norm"))
+            why = (
+                "holds NaN/inf" if i in nonfinite_rows
+                else "gives a non-finite loss or gradient" if not finite
+                else "is an outlier"
+            )  # fmt: skip
             detail.append(
                 f"row {i} {why} (loss {_g(row.get('loss'))}, gradient norm "
                 f"{_g(row.get('grad_norm'))})"
