@@ -64,7 +64,9 @@ TensorOrTensors = Tensor | Iterable[Tensor]
 EPS = 1e-6  # torch's, so results match bit for bit
 
 
-def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor, nonfinite: str) -> Tensor:
+def clip_coefficient(
+    max_norm: float | Tensor, total_norm: Tensor, nonfinite: str, *, finite: Tensor | None = None
+) -> Tensor:
     """The factor every gradient is multiplied by: ``min(max_norm / (total + 1e-6), 1)``.
 
     The one place this rule is written. It is evaluated as torch evaluates it
@@ -77,6 +79,8 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor, nonfinite: st
         total_norm: the measured norm(s).
         nonfinite: ``"skip"``: a non-finite norm gives 1 (gradients untouched); ``"zero"``:
             it gives 0; ``"propagate"``/``"error"``: torch's value (NaN, or 0 for inf).
+        finite: ``total_norm.isfinite()`` when already known (``GradNorms.finite``): saves
+            recomputing it, a few kernels, on every step.
 
     Returns:
         The factor(s), with ``total_norm``'s shape; computed with ``torch.where``, so that no
@@ -91,10 +95,9 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor, nonfinite: st
         coef = torch.clamp(inverse * max_norm.to(total_norm.device), max=1.0)
     else:
         coef = _torch_coef(max_norm, total_norm)
-    if nonfinite == "skip":
-        coef = torch.where(total_norm.isfinite(), coef, torch.ones_like(coef))
-    elif nonfinite == "zero":
-        coef = torch.where(total_norm.isfinite(), coef, torch.zeros_like(coef))
+    if nonfinite in ("skip", "zero"):
+        ok = total_norm.isfinite() if finite is None else finite
+        coef = torch.where(ok, coef, 1.0 if nonfinite == "skip" else 0.0)
     return coef
 
 
@@ -390,10 +393,11 @@ def clip_with_norms_(
     _validate.norm_type(norm_type)
     total = norms.total
     if isinstance(threshold, Tensor):
-        limit = threshold.detach().reshape(()).to(total.device)
+        limit = threshold if threshold.ndim == 0 else threshold.reshape(())
+        limit = limit if limit.device == total.device else limit.to(total.device)
     else:
         limit = torch.full((), _validate.as_float("threshold", threshold), device=total.device)
-    coef = clip_coefficient(limit, total, "skip")
+    coef = clip_coefficient(limit, total, "skip", finite=norms.finite)
     if grads:
         mul_(grads, coef, foreach)
     # The p-norm is homogeneous: scaling every gradient by coef scales the total by coef.

@@ -127,7 +127,6 @@ class ClipPolicy(Stateful, ABC):
         foreach: bool | None = None,
     ) -> Clipped: ...
 
-    @torch.no_grad()
     def clip_(
         self,
         grads: Any,
