@@ -449,3 +449,20 @@ def test_keyword_batch_as_a_framework_hands_it(tmp_path):
     r = replay(path, KeywordModel)
     assert r.kind == "data", r.summary
     assert r.culprits == [7]
+
+
+def test_model_state_finite_weights_that_overflow_any_batch(tmp_path):
+    model = L.mlp(dropout=0.0)
+
+    def grow(step: int) -> None:
+        if step == 4:
+            with torch.no_grad():
+                model[0].weight.mul_(1e38)  # finite, but any real input overflows the matmul
+
+    path = L.train(model, adam(model), tmp_path, 8, before_step=grow)
+    r = replay(path, lambda: L.mlp(seed=1, dropout=0.0))
+    assert r.kind == "model-state", r.summary
+    # the overflow surfaces downstream (in the loss), far from the weight: the summary names it
+    assert r.origin is not None and r.origin["op"] == "aten.mse_loss"
+    assert "largest weight is 0.weight" in r.summary
+    assert r.model is not None and r.model["known_good"][-1]["finite"] is False

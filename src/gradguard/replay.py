@@ -8,9 +8,10 @@ the recorded batch. Then it classifies the incident, checking in this order:
     The replay does not reproduce what the guard recorded (loss, gradient norm): a bit flip,
     flaky hardware or nondeterminism. The differing values are named.
 ``model-state``
-    The weights were already bad: a parameter or buffer holds NaN/inf, or a known-good batch
-    (the batch without its culprit rows, zeros, small random inputs) also gives a non-finite or
-    extreme result while the blow-up involves a parameter.
+    The weights were already bad: a parameter or buffer holds NaN/inf; or the first NaN/inf is
+    an overflow on a weight or on inputs beyond sqrt(max) of their dtype, and known-good batches
+    (the batch without its suspect rows, small random inputs) overflow too; or the step is
+    finite but extreme on those batches too.
 ``data``
     The step reproduces on the same batch and per-sample losses and gradient norms (one
     forward/backward per row) name culprit rows: non-finite, or ``factor`` times the median row.
@@ -65,6 +66,11 @@ __all__ = ["KINDS", "NotReproducible", "Replay", "ReplayError", "replay"]
 KINDS = ("data", "transient", "optimizer-state", "model-state", "numerics", "unclassified")
 LossFn = Callable[[Any, Any], Tensor]
 _LOW = (torch.float16, torch.bfloat16)
+# sqrt of each dtype's largest finite value: a product of two such inputs overflows.
+_HUGE = {
+    str(t).replace("torch.", ""): math.sqrt(torch.finfo(t).max)
+    for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
 _MAX_TRIES = 16  # re-runs of the batch without 1, 2, ... suspects before trying all of them
 # Ops whose output is uninitialized memory: garbage there is not a NaN "born" in the model.
 _UNINITIALIZED = ("empty", "new_empty", "empty_like", "empty_strided", "resize_", "set_")
@@ -936,28 +942,34 @@ class _Case:
         )
 
     def numerics(self) -> bool:
-        """A NaN/inf born inside an op (unless it is a weight overflowing on any batch)."""
+        """A NaN/inf born inside an op, unless huge weights overflow it on any batch."""
         if self.base.finite:
             return False
         origin = _trace(self.model, self.runner, self.batch)
         if origin is None:
             return False
         self.result.origin = origin
-        weight = next((i for i in origin["inputs"] if i.get("parameter")), None)
-        if weight is not None:
+        _fp32_check(origin, self.model, self.fn, self.b, self.batch)
+        # An overflow from inputs beyond sqrt(max) (an upstream magnitude, not this op's domain)
+        # or on a weight, that every known-good batch repeats, is the weights' doing.
+        reach = max((_reach(i) for i in origin["inputs"]), default=0.0)
+        huge = any(_reach(i) > _HUGE.get(i["dtype"], math.inf) for i in origin["inputs"])
+        on_weight = any(i.get("parameter") for i in origin["inputs"])
+        if origin.get("fp32_avoids") is not True and (huge or on_weight):
             trials = self.known_good()
-            if trials and all(t["finite"] is False for t in trials):
+            decisive = _decisive(trials)
+            if decisive and all(t["finite"] is False for t in decisive):
                 self.result.model = {"nonfinite": [], "known_good": trials}
+                name, top = _largest_weight(self.model)
                 return self.decide(
                     "model-state",
-                    f": the weights were already bad: {origin['op']} overflows on "
-                    f"{weight['parameter']} (range {_g(weight['min'])} to {_g(weight['max'])})"
-                    " and every known-good batch ("
-                    + ", ".join(t["batch"] for t in trials)
-                    + ") also gives a non-finite result. Roll back to a snapshot from before "
-                    "the weights grew.",
+                    f": the weights were already bad: {origin['op']} overflows on inputs up to "
+                    f"{_g(reach)}"
+                    f", the largest weight is {name} (|w| up to {_g(top)}), and "
+                    + ", ".join(t["batch"] for t in decisive)
+                    + " also give a non-finite result. Roll back to a snapshot from before the "
+                    "weights grew.",
                 )
-        _fp32_check(origin, self.model, self.fn, self.b, self.batch)
         return self.decide("numerics", ": " + _describe_origin(origin))
 
     def extreme_everywhere(self) -> bool:
@@ -970,7 +982,7 @@ class _Case:
                 t["finite"] and self.ref_norm and t["grad_norm"] > self.factor * self.ref_norm
             )
         self.result.model = {"nonfinite": [], "known_good": trials}
-        if not (trials and all(t["extreme"] for t in trials)):
+        if not (_decisive(trials) and all(t["extreme"] for t in _decisive(trials))):
             return False
         return self.decide(
             "model-state",
@@ -1008,6 +1020,26 @@ class _Case:
             "second moment collapsed). Reset their moments (SPAM, arXiv 2501.06842) or raise "
             "eps.",
         )
+
+
+def _reach(described: dict[str, Any]) -> float:
+    """The largest finite magnitude of a traced input."""
+    return max(abs(described["min"] or 0.0), abs(described["max"] or 0.0))
+
+
+def _largest_weight(model: nn.Module) -> tuple[str, float]:
+    best = ("", 0.0)
+    for name, p in model.named_parameters():
+        d = p.detach()
+        if d.numel() and d.is_floating_point():
+            top = _f(d[torch.isfinite(d)].abs().max()) if bool(torch.isfinite(d).any()) else 0.0
+            best = max(best, (name, top), key=lambda x: x[1])
+    return best
+
+
+def _decisive(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The known-good batches that exercise the weights: zero inputs reach only the biases."""
+    return [t for t in trials if t["batch"] != "zero inputs"] or trials
 
 
 def _try(runner: _Runner, name: str, batch: Any) -> dict[str, Any]:
