@@ -139,7 +139,7 @@ def train(
             {
                 "kind": "step",
                 "step": step,
-                "loss": float(loss.detach()),
+                "loss": loss.detach(),  # still a tensor, as the guard's unflushed rows are
                 "grad_norm": norm,
                 "layers": layers,
             }

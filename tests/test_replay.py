@@ -199,6 +199,7 @@ def test_bundle_holds_the_pre_step_state_and_restores_it(tmp_path):
     assert b.meta["rank"] is None and b.world_size == 1
     assert b.meta["optimizer_class"] == "torch.optim.adam.Adam"
     assert b.config["policy"].startswith("<object object")  # objects stored as text
+    assert all(isinstance(r["loss"], float) for r in b.history)  # read back from tensors
     assert len(b.history) == 6 and set(b.history[-1]["layers"]) == {
         "0.weight", "0.bias", "3.weight", "3.bias"
     }  # fmt: skip

@@ -79,6 +79,18 @@ class BundleError(SnapshotError):
 # --------------------------------------------------------------------------- plain values
 
 
+def _host(obj: Any) -> Any:
+    """A step row with its 0-dim tensors read back as Python numbers (the guard may hand over
+    rows that are still on the device; on an incident the host sync is fine)."""
+    if isinstance(obj, Tensor) and obj.dim() == 0:
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return {k: _host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_host(v) for v in obj]
+    return obj
+
+
 def plain(obj: Any, *, lossy: bool = False) -> Any:
     """``obj`` as tensors (CPU copies), dicts, lists, numbers, strings and ``None`` only.
 
@@ -342,7 +354,7 @@ def make_bundle(
         "batch_bytes": size,
         "batch_note": note,
         "sampler": plain(sampler, lossy=True) if kind != "tensors" else None,
-        "history": [plain(dict(r), lossy=True) for r in history],
+        "history": [plain(_host(dict(r)), lossy=True) for r in history],
         "config": plain(dict(config or {}), lossy=True),
         "versions": _versions(),
         "rank": rank,
@@ -452,7 +464,8 @@ class IncidentWriter:
             rng: the RNG states as they were before this step's forward:
                 :func:`forward_rng_state` (cheap) or :func:`gradguard.rollback.rng_state`.
             model, optimizer, scheduler, scaler: still in the state the step started from.
-            history: the last K step rows (host floats; per-layer norms under ``"layers"``).
+            history: the last K step rows (per-layer norms under ``"layers"``); 0-dim tensors
+                in them are read back to numbers here.
             config: the guard's configuration as a dict (objects are stored as their repr).
             recorded: what the guard measured on this step, e.g. ``{"loss": 2.3,
                 "grad_norm": 4.1e3}`` (floats or 0-dim tensors).
