@@ -62,6 +62,7 @@ __all__ = [
     "IncidentWriter",
     "forward_rng_state",
     "load_bundle",
+    "make_bundle",
     "plain",
     "unwrap_model",
 ]
@@ -176,9 +177,9 @@ def _as_float(v: Any) -> float | None:
 def forward_rng_state() -> dict[str, Any]:
     """The RNG states a forward pass draws from (dropout): torch's CPU and CUDA generators.
 
-    What the guard keeps at the end of every step for the next step's bundle: about a
-    microsecond on a CPU, where :func:`gradguard.rollback.rng_state` (numpy and Python
-    ``random`` too) takes about 100. Pass :func:`~gradguard.rollback.rng_state` instead when the
+    What the guard keeps at the end of every step for the next step's bundle: a few
+    microseconds on a CPU, where :func:`gradguard.rollback.rng_state` (numpy and Python
+    ``random`` too) takes 100-200. Pass :func:`~gradguard.rollback.rng_state` instead when the
     forward pass draws from numpy or ``random``; replay restores whichever was stored.
     """
     cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else []
