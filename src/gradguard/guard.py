@@ -1,10 +1,11 @@
 """Guard: measure -> detect -> decide -> act -> record, once per optimizer step.
 
-The guard wires the functional pieces together; each stays testable on its own:
-:func:`gradguard.norms.grad_norms` measures, a :class:`~gradguard.policies.ClipPolicy` picks the
-clipping threshold, :class:`~gradguard.detect.Detector` objects flag bad steps, the response
-ladder (:mod:`gradguard.response`) decides, :mod:`gradguard.rollback` restores, and a
-:class:`~gradguard.records.Recorder` keeps the numbers on the device until it flushes.
+The guard wires functional pieces together; each is testable on its own:
+:func:`gradguard.norms.grad_norms` measures, a :class:`~gradguard.policies.ClipPolicy` clips
+(``policy.clip_``), :class:`~gradguard.detect.Detector` objects flag bad steps, a
+:class:`~gradguard.response.Responder` owns the flag layout, ladders, budgets and reasons,
+:mod:`gradguard.skip` keeps what a skipped step must not change, :mod:`gradguard.rollback`
+restores snapshots, and a :class:`~gradguard.records.Recorder` keeps numbers on the device.
 
 Plain loop (``guard.step`` replaces ``optimizer.step()``, ``scheduler.step()`` and, under AMP,
 ``scaler.step()``/``scaler.update()``)::
@@ -16,50 +17,51 @@ Plain loop (``guard.step`` replaces ``optimizer.step()``, ``scheduler.step()`` a
         report = guard.step(loss)
         optimizer.zero_grad(set_to_none=True)
 
-Per step: (AMP: ``scaler.unscale_(optimizer)`` once, so norms and clipping see true gradients)
--> measure per-tensor and total norms -> every detector's flag, plus the built-in non-finite
-check -> one all-reduce (MAX) of the flag vector across ranks -> the policy's threshold and the
-clip (a clamped multiply, no branch) -> the statistics learn from the post-clip norm, only on
-accepted finite steps -> apply or skip -> record.
+A step is a small stage machine (:class:`Stage`, like GradScaler's ``OptState``):
+``READY -> ARMED`` (:meth:`Guard.before_optimizer_step`: unscale, measure, detect, agree, clip,
+learn, and decide or hand the decision to the device) ``-> READY``
+(:meth:`Guard.after_optimizer_step`: undo the arming, settle buffers and the scaler, count the
+step, snapshot). A batch computed before a rollback passes through ``DROPPED`` instead of
+``ARMED``. Calls out of order raise.
 
 Where the host waits for the device (documented, tested):
 
 * Fused Adam/AdamW/SGD (``fused=True``), the default ``sync="auto"``: **no sync on a clean
-  step**. The skip flag is handed to the optimizer as ``optimizer.found_inf`` (the tensor AMP's
-  GradScaler uses), so a skipped step is skipped inside the fused kernel (moments, weight decay
-  and step counter untouched). The flag vector is copied to the host asynchronously and read at
-  the start of the next ``step`` (waiting, at most, for the previous step to finish); that read
-  logs the row and runs the rare host-side responses (LR back-off, rollback, abort) one step
-  late. The LR scheduler steps at once, on the guess that the step was applied; a skip found by
-  the read puts its state and the learning rates back before the next optimizer step uses
-  them. Reading ``report.action`` early, ``guard.state_dict()``, ``optimizer.state_dict()``,
-  ``model.state_dict()`` and snapshot steps settle the pending step at once (one sync).
+  step**. The skip flag goes to the optimizer as ``optimizer.found_inf`` (the tensor AMP's
+  GradScaler uses), so a skipped step is skipped inside the fused kernel; module buffers are put
+  back with ``torch.where``. The flag bits are copied to pinned host memory and read when the
+  next step starts; that read logs the row and runs the rare host-side responses (LR back-off,
+  rollback, abort) one step late. The LR scheduler steps at once on the guess that the step was
+  applied; a skip found by the read puts the scheduler and every param-group hyperparameter
+  back before they are used. On the CPU the bits are host memory already: the step settles at
+  its end. ``optimizer.state_dict()``/``model.state_dict()`` settle a pending step (reading it,
+  never starting a collective, so one rank may checkpoint alone); :meth:`Guard.settle` does so
+  explicitly (call it before saving ``scheduler.state_dict()`` on a GPU).
 * Other optimizers (``sync="step"``): one sync per step on the flag vector (a few bytes), to
   decide whether to call ``optimizer.step()`` at all.
 * Record flushes (every ``flush_every`` steps, one transfer), snapshots (every
-  ``snapshot_every`` steps, a device-to-host copy of the state) and incidents (an event row is
-  flushed at once).
+  ``snapshot_every`` steps, a device-to-host copy of the state) and incidents.
 
 AMP: an inf/NaN gradient under an enabled GradScaler is the scaler's business, not a spike: the
-step is skipped (action ``"skip"``, reason ``"amp_overflow"``), the scaler lowers its scale, no
-budget is spent and no statistic learns from it. A non-finite *loss* is still an incident.
+step is skipped (reason ``"amp_overflow"``), the scaler lowers its scale, no budget is spent and
+no statistic learns from it. A non-finite *loss* is still an incident. A finite step the guard
+skips does not count toward the scaler's growth.
 
 Gradient accumulation: call ``guard.step`` once per optimizer step, after the last
 micro-batch's backward; it acts on the accumulated gradient.
 
-Frameworks that call ``optimizer.step()`` themselves (Lightning, HF): call
-:meth:`Guard.before_optimizer_step` where the gradients are final (Lightning's
-``on_before_optimizer_step``) and :meth:`Guard.after_optimizer_step` after the step. On a skip the
-framework's ``optimizer.step()`` becomes a no-op (``found_inf`` for fused optimizers, else the
-gradients are set to ``None``, which every torch optimizer skips: no moment, decay or counter
-changes) and its next ``scheduler.step()`` a no-op.
+Frameworks that call ``optimizer.step()`` themselves (Lightning, HF) call
+:meth:`Guard.before_optimizer_step` where the gradients are final and
+:meth:`Guard.after_optimizer_step` after the step. On a skip the framework's
+``optimizer.step()`` becomes a no-op (``found_inf`` for fused optimizers, else the gradients are
+set to ``None``, which every torch optimizer skips) and so does its next ``scheduler.step()``.
 """
 
 from __future__ import annotations
 
-import copy
+import enum
+import inspect
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,18 +70,19 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import _distributed, _validate
-from gradguard._foreach import mul_
-from gradguard.detect import Detection, Detector, Signals, SpikeDetector
-from gradguard.norms import GradNorms, grad_norms, total_from_norms
+from gradguard import skip as _skip
+from gradguard.detect import Detection, Detector, NonFiniteDetector, Signals, SpikeDetector
+from gradguard.norms import grad_norms
 from gradguard.policies import ClipPolicy, ZScoreClip
 from gradguard.records import Recorder
 from gradguard.response import (
-    SKIPPING,
+    DEFAULT_LADDER,
     Budgets,
     Counters,
     GuardAbort,
+    Responder,
+    Verdict,
     check_ladder,
-    decide,
 )
 from gradguard.rollback import (
     SkipList,
@@ -91,13 +94,9 @@ from gradguard.rollback import (
     restore,
 )
 
-__all__ = ["Guard", "GuardAbort", "GuardConfig", "StepReport"]
+__all__ = ["Guard", "GuardAbort", "GuardConfig", "Stage", "StepReport"]
 
-EPS = 1e-6  # torch's clip_grad_norm_ epsilon
-STATE_VERSION = 1
-DEFAULT_LADDER: tuple[str, ...] = ("skip", "rollback", "abort")
-# Observational detectors: worth a record, not a skipped step, unless configured otherwise.
-OBSERVE = {"vanishing": ("log",), "update_ratio": ("log",)}
+STATE_VERSION = 2
 SYNC_MODES = ("auto", "step", "lazy")
 
 
@@ -108,20 +107,21 @@ class GuardConfig:
     Attributes:
         policy: the clipping policy (``None``: ZClip, :class:`~gradguard.policies.ZScoreClip`).
         detectors: detectors (``None``: a loss spike and a gradient-norm spike detector,
-            OLMo-core's 128-step window at 6 sigma). Non-finite checks are built in.
+            OLMo-core's 128-step window at 6 sigma). Non-finite checks are built in; a
+            :class:`~gradguard.detect.NonFiniteDetector` given here replaces the built-in rule.
         responses: ladder per signal, keyed ``"name:signal"`` (``"spike:loss"``), ``name``
             (``"spike"``) or ``"nonfinite"``; e.g. ``{"spike:loss": ("skip", "rollback")}``.
-        default_response: the ladder of a signal not in ``responses`` (vanishing and update-ratio
-            detectors default to ``("log",)``).
+        default_response: the ladder of a signal not in ``responses`` whose detector declares
+            no ``default_response`` of its own (vanishing and update-ratio detectors: log).
         budgets: when a rung escalates (:class:`~gradguard.response.Budgets`).
         backoff_factor: LR multiplier of a ``"backoff"`` response, in (0, 1).
         snapshot_every: take a snapshot every this many steps (0: never; then ``"rollback"``
             escalates past itself). A snapshot is also taken when the guard is created (not on a
             ``snapshot_dir`` that already holds snapshots, see below).
         snapshot_dir: write snapshots there (atomic, checksummed) instead of CPU memory. Under
-            ``torch.distributed`` each rank writes and reads its own ``-rank<r>`` files, so all
-            ranks can share it. A directory that already holds snapshots is left untouched:
-            call :meth:`Guard.resume` to continue that run; stepping without it raises.
+            ``torch.distributed`` each rank writes and reads its own ``-rank<r>`` files. A
+            directory that already holds snapshots is left untouched: call
+            :meth:`Guard.resume` to continue that run; stepping without it raises.
         keep_snapshots: how many snapshots to keep.
         skip_before, skip_after: widen the skipped window around the flagged batches on a
             rollback (PaLM skipped a few hundred batches around a spike).
@@ -131,6 +131,7 @@ class GuardConfig:
         record_layers: put per-parameter gradient norms in each step row.
         flush_every: steps between record flushes (for the default recorder).
         foreach: torch's foreach flag for norms and clipping.
+        keep_buffers: put module buffers (BatchNorm running statistics) back on a skipped step.
     """
 
     policy: ClipPolicy | None = None
@@ -149,6 +150,7 @@ class GuardConfig:
     record_layers: bool = True
     flush_every: int = 50
     foreach: bool | None = None
+    keep_buffers: bool = True
 
     def __post_init__(self) -> None:
         if self.policy is not None and not isinstance(self.policy, ClipPolicy):
@@ -157,6 +159,8 @@ class GuardConfig:
             for i, d in enumerate(self.detectors):
                 if not isinstance(d, Detector):
                     raise TypeError(f"detectors[{i}] must be a Detector, got {type(d).__name__}")
+            if sum(isinstance(d, NonFiniteDetector) for d in self.detectors) > 1:
+                raise ValueError("detectors: at most one NonFiniteDetector")
         if not isinstance(self.responses, Mapping):
             raise TypeError("responses must be a mapping of signal name to a tuple of actions")
         self.responses = {str(k): check_ladder(str(k), v) for k, v in self.responses.items()}
@@ -177,35 +181,32 @@ class GuardConfig:
         self.norm_type = _validate.norm_type(self.norm_type)
         if self.sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, got {self.sync!r}")
-        if not isinstance(self.record_layers, bool):
-            raise TypeError("record_layers must be a bool")
+        for name in ("record_layers", "keep_buffers"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool")
         _validate.foreach_flag(self.foreach)
 
 
-class _Outcome:
-    """The host-side verdict of one step, filled in when the step is resolved."""
+class Stage(enum.Enum):
+    """Where a guard is in its step (see the module docstring)."""
 
-    __slots__ = ("action", "reason", "signal")
-
-    def __init__(self) -> None:
-        self.action: str | None = None
-        self.reason = ""
-        self.signal = ""
+    READY = "ready"  # between optimizer steps
+    ARMED = "armed"  # measured and decided (or handed to the device); the optimizer step is next
+    DROPPED = "dropped"  # a batch computed before a rollback: nothing applied, nothing counted
+    NEEDS_RESUME = "needs_resume"  # snapshot_dir holds an earlier run: resume() first
 
 
 class StepReport:
     """What the guard did on one step. Tensors stay on the device; host values are read lazily.
 
     Attributes:
-        step: the guard's step index.
-        position: the data position (batch index) of this step.
+        step: the guard's step index (optimizer steps the guard has counted).
+        position: the data position (batch index) of this step; it differs from ``step``
+            after rollbacks (the bad window is skipped) and :meth:`Guard.drop_batch`.
         total_norm: pre-clip total gradient norm (0-dim fp32).
         clipped_norm: post-clip total norm.
         threshold: the policy's threshold (``inf``: no clipping).
         finite: 0-dim bool, all gradients finite.
-        action: ``"step"``, ``"clip"``, ``"skip"``, ``"backoff"``, ``"rollback"`` or ``"abort"``
-            (reading it may wait for the device: see the module docstring).
-        reason: why, in words (empty for a clean step).
     """
 
     def __init__(
@@ -216,8 +217,8 @@ class StepReport:
         clipped_norm: Tensor,
         threshold: Tensor,
         finite: Tensor,
-        outcome: _Outcome,
-        resolve: Callable[[], Any],
+        settle: Callable[[], Verdict | None],
+        verdict: Verdict | None = None,
     ) -> None:
         self.step = step
         self.position = position
@@ -225,20 +226,24 @@ class StepReport:
         self.clipped_norm = clipped_norm
         self.threshold = threshold
         self.finite = finite
-        self._outcome = outcome
-        self._resolve = resolve
+        self._settle = settle
+        self.verdict = verdict
 
-    def _ensure(self) -> _Outcome:
-        if self._outcome.action is None:
-            self._resolve()
-        return self._outcome
+    def _ensure(self) -> Verdict:
+        if self.verdict is None:
+            self._settle()
+        assert self.verdict is not None
+        return self.verdict
 
     @property
     def action(self) -> str:
-        return str(self._ensure().action)
+        """``"step"``, ``"clip"``, ``"log"``, ``"skip"``, ``"backoff"``, ``"rollback"`` or
+        ``"abort"`` (reading it may wait for the device: see the module docstring)."""
+        return self._ensure().action
 
     @property
     def reason(self) -> str:
+        """Why, in words (empty for a clean step)."""
         return self._ensure().reason
 
     @property
@@ -249,11 +254,11 @@ class StepReport:
     @property
     def skipped(self) -> bool:
         """True when the step was not applied."""
-        return self.action in SKIPPING
+        return self._ensure().skipped
 
     def to_dict(self) -> dict[str, Any]:
         """Host values (one transfer): step, position, norms, threshold, finite, action, reason."""
-        o = self._ensure()
+        v = self._ensure()
         vals = torch.stack(
             [
                 t.detach().reshape(()).double().cpu()
@@ -267,37 +272,37 @@ class StepReport:
             "clipped_norm": vals[1],
             "threshold": vals[2],
             "finite": bool(vals[3]),
-            "action": o.action,
-            "reason": o.reason,
-            "signal": o.signal,
+            "action": v.action,
+            "reason": v.reason,
+            "signal": v.signal,
         }
 
     def __repr__(self) -> str:
-        state = self._outcome.action or "pending"
-        return f"StepReport(step={self.step}, action={state!r}, reason={self._outcome.reason!r})"
+        state = self.verdict.action if self.verdict is not None else "pending"
+        reason = self.verdict.reason if self.verdict is not None else ""
+        return f"StepReport(step={self.step}, action={state!r}, reason={reason!r})"
 
 
 @dataclass
-class _Pending:
-    """A measured step whose flags the host has not read yet."""
+class _Step:
+    """One guarded step, from measurement until its verdict has been carried out."""
 
     step: int
     position: int
-    flags: Tensor  # [clipped, amp_overflow, nonfinite, *detectors], on the device
-    skip: Tensor  # 0-dim bool: the step must not be applied (any skipping rung fired)
+    flags: Tensor  # Responder.flags layout, agreed across ranks, on the device
+    skip: Tensor  # 0-dim bool on the device: the step must not be applied
     host: Tensor  # the flag bits in host memory (a pinned copy in flight on CUDA)
     event: Any
     row: dict[str, Any]
     scores: list[Tensor]
-    outcome: _Outcome
-    lazy: bool  # the step was handed to the optimizer with found_inf (or is not applied by us)
-    plain: bool  # inside guard.step (the guard steps the scheduler itself)
-    undo: tuple[dict[str, Any], list[Any]] | None = None  # scheduler state and LRs before
-
-
-def _detector_key(d: Detector) -> str:
-    signal = getattr(d, "signal", None)
-    return f"{d.name}:{signal}" if isinstance(signal, str) else str(d.name)
+    report: StepReport
+    lazy: bool  # the device decides (found_inf); the host reads the bits later
+    plain: bool  # inside guard.step: the guard steps the optimizer and the scheduler itself
+    amp_overflow: Tensor
+    bits: list[bool] | None = None
+    undo: _skip.GroupState | None = None  # hyperparameters before a guessed scheduler step
+    verdict: Verdict | None = None
+    unscaled: bool = False  # this guard unscaled and owes the scaler an update()
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
@@ -306,24 +311,73 @@ def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-def _nan(like: Tensor) -> Tensor:
-    return torch.full((), math.nan, dtype=torch.float32, device=like.device)
+def _check_objects(optimizer: Any, scheduler: Any, scaler: Any) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise TypeError(
+            "optimizer: LBFGS re-evaluates the loss through a closure inside step(), which a "
+            "guard cannot measure before the update; guard a first-order optimizer instead"
+        )
+    if scheduler is not None:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise TypeError(
+                "scheduler: ReduceLROnPlateau steps on a validation metric (usually once per "
+                "epoch); do not pass it to the Guard, call scheduler.step(val_loss) yourself"
+            )
+        step = getattr(scheduler, "step", None)
+        if not callable(step):
+            raise TypeError("scheduler must be an LR scheduler (with a step() method) or None")
+        required = [
+            p
+            for p in inspect.signature(step).parameters.values()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if required:
+            raise TypeError(
+                f"scheduler: its step() needs arguments ({', '.join(p.name for p in required)}); "
+                "the guard calls step() with none: step it yourself"
+            )
+    if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
+        raise TypeError("scaler must be a torch.amp.GradScaler or None")
+
+
+def _loss_tensor(loss: Tensor | float | None, device: torch.device) -> Tensor | None:
+    if loss is None:
+        return None
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss must be a single value (a 0-dim tensor or a float), got shape "
+                f"{tuple(loss.shape)}: reduce a per-sample loss first (loss.mean())"
+            )
+        return loss.detach().reshape(()).float()
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(f"loss must be a Tensor, a float or None, got {type(loss).__name__}")
+    return torch.tensor(float(loss), device=device)
 
 
 class Guard:
     """Keep a training run safe: clip adaptively, skip or roll back bad steps, record it all.
 
     Args:
-        model: the module being trained (its named parameters name the records' layers).
-        optimizer: its optimizer. Fused Adam/AdamW/SGD skip on the device with no host sync.
+        model: the module being trained (its named parameters name the records' layers and
+            its buffers are kept on a skip).
+        optimizer: its optimizer. Every parameter it updates is measured, clipped and skipped,
+            also ones the model does not own. Fused Adam/AdamW/SGD skip with no host sync.
         scheduler: an LR scheduler the guard advances only on applied steps.
-        scaler: a ``torch.amp.GradScaler``: the guard unscales before measuring and steps
-            through it.
+        scaler: a ``torch.amp.GradScaler``: the guard unscales before measuring.
         config: :class:`GuardConfig` (``None``: defaults).
         recorder: where rows go (``None``: a :class:`~gradguard.records.Recorder` kept in
             memory, ``guard.records``).
         process_group: the group whose ranks must agree (``None``: the default group when
             torch.distributed is initialized).
+
+    Raises:
+        TypeError: an object of the wrong kind, LBFGS, ReduceLROnPlateau.
 
     Example:
         >>> guard = Guard(model, optimizer, scheduler)
@@ -344,16 +398,8 @@ class Guard:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        if scheduler is not None and not callable(getattr(scheduler, "step", None)):
-            raise TypeError("scheduler must be an LR scheduler (with a step() method) or None")
-        if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
-            raise TypeError("scaler must be a torch.amp.GradScaler or None")
-        if config is None:
-            config = GuardConfig()
+        _check_objects(optimizer, scheduler, scaler)
+        config = GuardConfig() if config is None else config
         if not isinstance(config, GuardConfig):
             raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
         if recorder is not None and not isinstance(recorder, Recorder):
@@ -364,10 +410,12 @@ class Guard:
                 "sync='lazy' needs a fused optimizer (fused=True Adam, AdamW or SGD), which "
                 "skips a step on the device; use sync='auto' or 'step'"
             )
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.scaler = scaler
+        self.model, self.optimizer, self.scheduler, self.scaler = (
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+        )
         self.config = config
         self.process_group = process_group
         self.recorder = (
@@ -379,53 +427,64 @@ class Guard:
             if config.detectors is not None
             else [SpikeDetector("loss"), SpikeDetector("grad_norm")]
         )
-        # Non-finite checks are built in (and AMP-aware), so a NonFiniteDetector is redundant.
-        self.detectors = [d for d in detectors if d.name != "nonfinite"]
-        self.keys = ["amp_overflow", "nonfinite"]
-        for d in self.detectors:
-            key = _detector_key(d)
-            while key in self.keys:
-                key += "'"
-            self.keys.append(key)
-        self.ladders = {"amp_overflow": ("skip",)}
-        names = ["nonfinite"] + [str(d.name) for d in self.detectors]
-        for key, name in zip(self.keys[1:], names):
-            self.ladders[key] = config.responses.get(
-                key, config.responses.get(name, OBSERVE.get(name, config.default_response))
-            )
-        self._skip_mask = torch.tensor(
-            [0.0] + [1.0 if self.ladders[k][0] in SKIPPING else 0.0 for k in self.keys]
+        nonfinite = [d for d in detectors if isinstance(d, NonFiniteDetector)]
+        self.nonfinite_rule: NonFiniteDetector | None = nonfinite[0] if nonfinite else None
+        self.detectors = [d for d in detectors if not isinstance(d, NonFiniteDetector)]
+        self.responder = Responder(
+            self.detectors,
+            config.responses,
+            config.default_response,
+            config.budgets,
+            config.backoff_factor,
         )
         self.lazy = self.fused and config.sync in ("auto", "lazy")
         self.skip_list = SkipList()
         self.snapshots = SnapshotStore(config.snapshot_dir, config.keep_snapshots)
-        self.counters = Counters()
+        self.buffers = _skip.BufferKeeper(model) if config.keep_buffers else None
+        self.lr_scale = _skip.LRScale()
         self.step_count = 0
         self.position = 0
         self.streak_start = 0
-        self._pending: _Pending | None = None
-        self._discard = False
-        self._set_found_inf = False
-        self._scheduler_patched = False
-        self._scaler_unscaled = False  # this guard unscaled and owes the scaler an update()
-        self._ratios_armed = False
-        self._last_outcome: _Outcome | None = None
+        self.stage = Stage.READY
+        self._current: _Step | None = None  # armed, between before and after
+        self._unread: _Step | None = None  # lazy: applied on the device, bits not read yet
+        self._unacted: _Step | None = None  # bits read (settled), verdict not carried out yet
+        self._step_hooks: list[Callable[[StepReport], None]] = []
+        self._disarm: list[Callable[[], None]] = []  # undone after the optimizer step
+        self._names: dict[int, str] = {}
         if self.lazy:
-            # A checkpoint must not catch a step whose flags the host has not read yet.
-            optimizer.register_state_dict_pre_hook(lambda _opt: self._resolve_quietly())
+            # A checkpoint must not catch a step whose flags the host has not read yet. Settling
+            # only reads and undoes a scheduler guess: no collective, so one rank may save alone.
+            optimizer.register_state_dict_pre_hook(lambda _opt: self.settle())
             hook = getattr(model, "register_state_dict_pre_hook", None)
             if callable(hook):
-                hook(lambda *_: self._resolve_quietly())
-        # Snapshots of an earlier run in snapshot_dir: the initial snapshot would overwrite its
-        # step 0 and a later resume() could mix the two runs. Keep them until resume() (or
+                hook(lambda *_: self.settle())
+        # Snapshots of an earlier run in snapshot_dir: keep them until resume() (or
         # load_state_dict()) continues that run; a fresh first step raises instead.
         self._earlier_run = (
             [f for _, f in self.snapshots.on_disk()] if config.snapshot_every else []
         )
-        if config.snapshot_every and not self._earlier_run:
+        if self._earlier_run:
+            self.stage = Stage.NEEDS_RESUME
+        elif config.snapshot_every:
             self.snapshot()
 
     # ------------------------------------------------------------------ public helpers
+
+    @property
+    def counters(self) -> Counters:
+        """What the ladder has spent (skips, back-offs, rollbacks, AMP skips, current streak)."""
+        return self.responder.counters
+
+    @property
+    def keys(self) -> list[str]:
+        """The signals, in flag order: ``amp_overflow``, ``nonfinite``, then the detectors'."""
+        return self.responder.keys
+
+    @property
+    def ladders(self) -> dict[str, tuple[str, ...]]:
+        """The ladder of each signal."""
+        return self.responder.ladders
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -440,20 +499,47 @@ class Guard:
     def drop_batch(self) -> int:
         """Move the data position past a batch the loop dropped without a step.
 
-        For a batch whose loss raised, or one the loop chose not to use: the guard's position
-        (and the positions of later snapshots) stays in step with the data. Returns the new
-        position (bad windows are skipped as usual).
+        Returns:
+            The new position (bad windows are skipped as usual).
         """
         self.position = self.skip_list.next_allowed(self.position + 1)
         return self.position
 
     def skip_sampler(self, sampler: Any, per_step: int = 1) -> SkipSampler:
-        """Wrap a (batch) sampler so that it leaves out the batches :meth:`should_skip` names."""
-        return SkipSampler(sampler, self.should_skip, per_step=per_step)
+        """Wrap a (batch) sampler so that it yields the batch of :attr:`position`, every time.
+
+        After a rollback it replays from the snapshot's position and leaves out the bad window,
+        exactly like the position-driven loop. ``per_step`` items make one optimizer step
+        (gradient accumulation). Exact with ``num_workers=0``; with worker processes the
+        DataLoader asks for batches ahead of the guard's decisions (see docs/guard.md).
+        """
+        return SkipSampler(
+            sampler,
+            self.should_skip,
+            per_step=per_step,
+            position=lambda: self.position,
+            drop=self.drop_batch,
+        )
+
+    def register_step_hook(self, hook: Callable[[StepReport], None]) -> Callable[[], None]:
+        """Call ``hook(report)`` once for every applied step, with the weights of that step.
+
+        For an EMA of the weights (``torch.optim.swa_utils.AveragedModel``) that must never see
+        a skipped step: ``guard.register_step_hook(lambda r: ema.update_parameters(model))``.
+        In the sync-free (fused) mode the hook runs when the step's flags are read, at the start
+        of the next step, before that step changes the weights.
+
+        Returns:
+            A function that removes the hook.
+        """
+        if not callable(hook):
+            raise TypeError("hook must be callable")
+        self._step_hooks.append(hook)
+        return lambda: self._step_hooks.remove(hook) if hook in self._step_hooks else None
 
     def snapshot(self) -> None:
-        """Take a snapshot now (resolving the pending step first: one host sync)."""
-        self._resolve()
+        """Take a snapshot now (settling the pending step first: one host sync)."""
+        self._finish_pending()
         self.snapshots.push(
             capture(
                 self.model,
@@ -462,21 +548,15 @@ class Guard:
                 self.scaler,
                 step=self.step_count,
                 position=self.position,
-                # Rollback uses the core only; resume() also takes the counters and skip list.
-                guard={
-                    **self._core_state(),
-                    "streak_start": self.streak_start,
-                    "counters": self.counters.state_dict(),
-                    "skip_list": self.skip_list.state_dict(),
-                },
+                guard=self._snapshot_state(),
             )
         )
 
-    def resume(self, snapshot: dict[str, Any] | str | os.PathLike[str] | None = None) -> int:
+    def resume(self, snapshot: dict[str, Any] | str | Any = None) -> int:
         """Continue a run that stopped (a crash, a kill): restore everything from a snapshot.
 
         Model, optimizer, scheduler, scaler, RNGs and the guard (policy, detectors, counters,
-        skip list, step and data position) go back to the snapshot, bit for bit.
+        skip list, back-off, step and data position) go back to the snapshot, bit for bit.
 
         Args:
             snapshot: a snapshot dict, a snapshot file, or ``None``: the newest readable file in
@@ -492,8 +572,7 @@ class Guard:
             >>> guard = Guard(model, opt, config=GuardConfig(snapshot_every=100, snapshot_dir="ck"))
             >>> start = guard.resume()      # after a crash
         """
-        self._pending = None
-        self._earlier_run = []
+        self._forget_pending()
         if snapshot is None:
             self.snapshots.scan()
             snap = self._agreed_snapshot(None)
@@ -506,17 +585,9 @@ class Guard:
             snap = snapshot
         else:
             snap = load_snapshot(snapshot)
-        restore(snap, self.model, self.optimizer, self.scheduler, self.scaler)
-        g = snap["guard"]
-        self.policy.load_state_dict(copy.deepcopy(g["policy"]))
-        for d, st in zip(self.detectors, g["detectors"]):
-            d.load_state_dict(copy.deepcopy(st))
-        if "counters" in g:
-            self.counters.load_state_dict(g["counters"])
-            self.skip_list.load_state_dict(g["skip_list"])
-            self.streak_start = int(g["streak_start"])
-        self.step_count = int(snap["step"])
-        self.position = self.skip_list.next_allowed(int(snap["position"]))
+        self._restore(snap, full=True)
+        self._earlier_run = []
+        self.stage = Stage.READY
         if self.config.snapshot_every and not self.snapshots.has():
             self.snapshot()  # something to roll back to before the next scheduled snapshot
         return self.position
@@ -529,16 +600,18 @@ class Guard:
         Call it once per optimizer step, after the (last micro-batch's) backward.
 
         Args:
-            loss: this step's loss (detached here; used by the loss detectors and the records).
+            loss: this step's loss, a single value (detached here; used by the loss detectors
+                and the records).
 
         Returns:
             A :class:`StepReport`.
 
         Raises:
             GuardAbort: the ladder reached ``"abort"`` (the incident is in the records).
+            ValueError: a loss that is not a single value (nothing changes).
         """
         report = self._before(loss, plain=True)
-        if not self._discard:
+        if self.stage is Stage.ARMED:
             self._apply()
         self.after_optimizer_step()
         return report
@@ -549,205 +622,230 @@ class Guard:
         Unscales (AMP), measures, detects, decides and clips. When the step must not be applied
         the framework's next ``optimizer.step()`` and ``scheduler.step()`` become no-ops. Pair
         it with :meth:`after_optimizer_step`.
+
+        Raises:
+            RuntimeError: called twice without :meth:`after_optimizer_step` in between.
         """
         return self._before(loss, plain=False)
 
     def after_optimizer_step(self) -> None:
-        """Undo the no-op arming, count the step, and take a snapshot when one is due."""
-        if self._set_found_inf:
-            for attr in ("found_inf", "grad_scale"):
-                if hasattr(self.optimizer, attr):
-                    delattr(self.optimizer, attr)
-            self._set_found_inf = False
-        self._disarm_scheduler()
-        self._scaler_update()
-        if self._ratios_armed and not self._discard:
-            for d in self.detectors:
-                if callable(getattr(d, "after", None)):
-                    d.after(self.model)  # type: ignore[attr-defined]
-        self._ratios_armed = False
-        if self._discard:
-            self._discard = False
+        """Undo the arming, settle buffers and scaler, count the step, snapshot when due.
+
+        Raises:
+            RuntimeError: no :meth:`before_optimizer_step` (or :meth:`step`) came first.
+        """
+        if self.stage not in (Stage.ARMED, Stage.DROPPED):
+            raise RuntimeError(
+                f"after_optimizer_step() in stage {self.stage.value!r}: call "
+                "before_optimizer_step() (or use guard.step()) first"
+            )
+        s, self._current = self._current, None
+        for undo in self._disarm:
+            undo()
+        self._disarm.clear()
+        self.lr_scale.restore()
+        if self.stage is Stage.DROPPED or s is None:
+            self.stage = Stage.READY
             return
+        skipped: Tensor | bool = s.skip if s.verdict is None else s.verdict.skipped
+        if s.unscaled:
+            guard_skip = skipped if isinstance(skipped, bool) else skipped & ~s.amp_overflow
+            if isinstance(guard_skip, bool) and s.verdict is not None:
+                guard_skip = guard_skip and s.verdict.signal != "amp_overflow"
+            _skip.scaler_update(self.scaler, guard_skip, sync=s.verdict is not None)
+        if self.buffers is not None:
+            self.buffers.settle_(skipped)
+        for d in self.detectors:
+            after = getattr(d, "after", None)
+            if callable(after) and callable(getattr(d, "before", None)):
+                after(self.model)
+        self.stage = Stage.READY
         self.step_count += 1
         self.position = self.skip_list.next_allowed(self.position + 1)
+        rolled_back = False
+        if s.lazy:
+            self._unread = s
+            # On the CPU the bits are host memory already: reading them costs nothing. A report
+            # read during the step has waited for them already.
+            if s.verdict is not None or (s.event is None and s.host.device.type == "cpu"):
+                rolled_back = self._finish_pending()
+        elif s.verdict is not None and not s.verdict.skipped:
+            self._run_hooks(s)
         every = self.config.snapshot_every
-        if every and self.step_count % every == 0:
-            self._resolve()
-            if not self._discard:
-                self.snapshot()
-            self._discard = False
+        due = every and not rolled_back and self.step_count % every == 0
+        if due and not self._finish_pending():
+            self.snapshot()
+
+    def settle(self) -> None:
+        """Read a pending (sync-free) step's flags and undo a wrong scheduler guess.
+
+        Local to this process: never starts a collective, so one rank may call it alone (a
+        checkpoint on rank 0). The verdict's actions run at the next guard call.
+        """
+        s = self._unread
+        if s is None:
+            return
+        self._unread = None
+        s.bits = self._read(s)
+        if s.undo is not None and self.responder.skips_on_device(s.bits):
+            s.undo.restore(self.optimizer, self.scheduler)
+        self._unacted = s
 
     def flush(self) -> list[dict[str, Any]]:
-        """Resolve the pending step and flush the records; returns the flushed rows."""
-        self._resolve()
+        """Settle and act on the pending step, flush the records; returns the flushed rows."""
+        self._finish_pending()
         return self.recorder.flush()
 
-    # ------------------------------------------------------------------ measure, detect, clip
+    # ------------------------------------------------------------------ measure .. decide
 
     def _before(self, loss: Tensor | float | None, plain: bool) -> StepReport:
-        if self._earlier_run:
+        if self.stage is Stage.NEEDS_RESUME:
             raise ValueError(
                 f"snapshot_dir {self.config.snapshot_dir!r} holds snapshots of an earlier run "
                 f"({', '.join(f.name for f in self._earlier_run[-3:])}); call guard.resume() "
                 "to continue it, or give this run an empty snapshot_dir (or delete the files)"
             )
-        self._disarm_scheduler()
-        previous = self._resolve()
-        if previous is not None and previous.action == "rollback":
-            return self._discarded_report(plain)
-        self._discard = False
-        if self.scaler is not None and self.scaler.is_enabled() and not self._unscaled_already():
-            self.scaler.unscale_(self.optimizer)
-            # A framework steps and updates the scaler itself; the plain loop leaves it to us.
-            self._scaler_unscaled = plain
-        with torch.no_grad():
-            pending, report = self._measure(loss, plain)
-        self._pending = pending
+        if self.stage is not Stage.READY:
+            raise RuntimeError(
+                f"before_optimizer_step() in stage {self.stage.value!r}: call "
+                "after_optimizer_step() after each optimizer step"
+            )
+        params = self._params()
+        device = params[0].device if params else torch.device("cpu")
+        loss_t = _loss_tensor(loss, device)  # bad input raises before anything changes
+        rolled_back = self._finish_pending()
+        if rolled_back:
+            return self._dropped(plain)
+        s = self._measure(loss_t, params, plain)
+        self._current = s
+        self.stage = Stage.ARMED
         for d in self.detectors:
-            if callable(getattr(d, "before", None)):
-                d.before(self.model)  # type: ignore[attr-defined]
-                self._ratios_armed = True
-        if pending.lazy:
+            before = getattr(d, "before", None)
+            if callable(before) and callable(getattr(d, "after", None)):
+                before(self.model)
+        if s.lazy:
             if not plain:
-                self._hand_flag_to_optimizer(pending)
+                _skip.arm_found_inf(self.optimizer, s.skip)
+                self._disarm.append(lambda: _skip.disarm_found_inf(self.optimizer))
         else:
-            self._resolve()
-            if not plain and self._pending_action_skips(report):
+            s.bits = self._read(s)
+            self._act(s)
+            if s.verdict is not None and s.verdict.skipped and not plain:
                 self._noop_framework_step()
-        return report
+            if self.stage is Stage.DROPPED:  # the verdict rolled back: nothing to apply
+                return s.report
+        if not plain and (s.lazy or not (s.verdict and s.verdict.skipped)):
+            self.lr_scale.apply(self.optimizer)
+        return s.report
 
-    def _unscaled_already(self) -> bool:
-        # Lightning unscales before its on_before_optimizer_step hook; unscaling twice raises.
-        states = getattr(self.scaler, "_per_optimizer_states", {})
-        stage = (
-            states.get(id(self.optimizer), {}).get("stage")
-            if id(self.optimizer) in states
-            else None
-        )
-        return getattr(stage, "name", "") == "UNSCALED"
+    def _params(self) -> list[Tensor]:
+        seen: set[int] = set()
+        out = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
 
-    def _measure(self, loss: Tensor | float | None, plain: bool) -> tuple[_Pending, StepReport]:
+    def _name(self, i: int, p: Tensor) -> str:
+        name = self._names.get(id(p))
+        if name is None:
+            self._names = {id(q): n for n, q in self.model.named_parameters()}
+            name = self._names.setdefault(id(p), f"optimizer.param.{i}")
+        return name
+
+    def _measure(self, loss_t: Tensor | None, params: list[Tensor], plain: bool) -> _Step:
         cfg = self.config
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
-        names = [n for n, _ in named]
-        grads = [p.grad for _, p in named if p.grad is not None]
-        norms = grad_norms(grads, cfg.norm_type, foreach=cfg.foreach)
-        device = grads[0].device if grads else torch.device("cpu")
-        total = norms.total.float()
-        if isinstance(loss, Tensor):
-            loss_t: Tensor | None = loss.detach().reshape(-1)[0].float()
-        elif loss is None:
-            loss_t = None
+        if self.scaler is not None and self.scaler.is_enabled():
+            unscaled = plain or not self._scaler_unscaled_by_framework()
+            if unscaled:
+                self.scaler.unscale_(self.optimizer)
         else:
-            loss_t = torch.tensor(float(loss), device=device)
-        grads_ok = norms.finite
-        loss_ok = loss_t.isfinite() if loss_t is not None else torch.ones((), dtype=torch.bool)
-        loss_ok = loss_ok.to(device)
-        amp = self.scaler is not None and self.scaler.is_enabled()
-        if amp:
-            amp_overflow, nonfinite = ~grads_ok, ~loss_ok
-        else:
-            amp_overflow, nonfinite = torch.zeros_like(grads_ok), ~(grads_ok & loss_ok)
-        signals = Signals(self.step_count, total, norms.per_tensor, names, grads_ok, loss_t)
-        detections: list[Detection] = [d.check(signals) for d in self.detectors]
-        # A loss-scale overflow is no spike: mask the detectors on such a step.
-        quiet = ~amp_overflow
-        threshold, coef_min, clipped_total, clipped = self._clip(norms, grads, named)
-        flags = torch.stack(
-            [
-                coef_min < 1.0,
+            unscaled = False
+        with torch.no_grad():
+            live = [(i, p) for i, p in enumerate(params) if p.grad is not None]
+            grads = [p.grad for _, p in live if p.grad is not None]
+            names = [self._name(i, p) for i, p in live]
+            norms = grad_norms(grads, cfg.norm_type, foreach=cfg.foreach)
+            device = grads[0].device if grads else torch.device("cpu")
+            total = norms.total.float()
+            grads_ok = norms.finite
+            loss_ok = (
+                loss_t.isfinite().to(device)
+                if loss_t is not None
+                else torch.ones((), dtype=torch.bool, device=device)
+            )
+            amp = self.scaler is not None and self.scaler.is_enabled()
+            signals = Signals(self.step_count, total, norms.per_tensor, names, grads_ok, loss_t)
+            if self.nonfinite_rule is not None:
+                bad = self.nonfinite_rule.check(signals).flag.to(device)
+            else:
+                bad = ~(grads_ok & loss_ok)
+            # Under AMP, non-finite gradients are the loss scale's overflow, not an incident.
+            amp_overflow = ~grads_ok if amp else torch.zeros_like(grads_ok)
+            nonfinite = (~loss_ok | (bad & grads_ok)) if amp else bad
+            detections: list[Detection] = [d.check(signals) for d in self.detectors]
+            clip = self.policy.clip_(
+                grads, norms, [p for _, p in live], norm_type=cfg.norm_type, foreach=cfg.foreach
+            )
+            quiet = ~amp_overflow  # a loss-scale overflow is no spike
+            flags = self.responder.flags(
+                clip.clipped,
                 amp_overflow,
                 nonfinite,
-                *[(det.flag.to(device) & quiet) for det in detections],
-            ]
-        ).to(torch.float32)
-        _distributed.agree_(flags, self.process_group)
-        skip = (flags * self._skip_mask.to(device)).amax() > 0
-        accepted = ~skip & grads_ok & loss_ok
-        self.policy.update(norms, clipped, accepted)
-        for d in self.detectors:
-            d.update(signals, accepted)
+                [d.flag.to(device) & quiet for d in detections],
+            )
+            _distributed.agree_(flags, self.process_group)
+            skip = self.responder.skip(flags)
+            accepted = ~skip & grads_ok & loss_ok
+            self.policy.update(norms, clip.learn, accepted)
+            for d in self.detectors:
+                d.update(signals, accepted)
         lazy = self.lazy and (plain or (self.scheduler is None and not amp))
-        host, event = self._stage(flags)
+        host, event = self._stage_bits(flags)
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
         row: dict[str, Any] = {
             "loss": loss_t,
             "grad_norm": total,
-            "clipped_norm": clipped_total,
-            "threshold": threshold,
-            "clipped": flags[0] > 0,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "clipped_norm": clip.total,
+            "threshold": clip.threshold,
+            "clipped": clip.clipped,
+            "lr": self.lr_scale.effective(lr.detach().clone() if isinstance(lr, Tensor) else lr),
         }
         if cfg.record_layers and names:
             row["layers"] = dict(zip(names, norms.per_tensor))
-        outcome = _Outcome()
-        pending = _Pending(
-            step=self.step_count,
-            position=self.position,
-            flags=flags,
-            skip=skip,
-            host=host,
-            event=event,
-            row=row,
-            scores=[det.score for det in detections],
-            outcome=outcome,
-            lazy=lazy,
-            plain=plain,
-        )
         report = StepReport(
+            self.step_count, self.position, total, clip.total, clip.threshold, grads_ok, self.settle
+        )
+        s = _Step(
             self.step_count,
             self.position,
-            total,
-            clipped_total,
-            threshold,
-            grads_ok,
-            outcome,
-            self._resolve,
+            flags,
+            skip,
+            host,
+            event,
+            row,
+            [d.score for d in detections],
+            report,
+            lazy,
+            plain,
+            amp_overflow,
+            unscaled=unscaled and plain,
         )
-        return pending, report
+        report._settle = lambda: self._settle_report(s)
+        return s
 
-    def _clip(
-        self, norms: GradNorms, grads: list[Tensor], named: Sequence[tuple[str, Tensor]]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | list[Tensor]]:
-        """Clip in place by the policy; returns (threshold, min coefficient, post-clip total,
-        what the policy learns from). Non-finite norms give a coefficient of 1 (nothing to save:
-        the step is skipped)."""
-        total = norms.total.float()
-        scope = self.policy.scope
-        if scope == "unit":
-            count = self.policy.clip_([p for _, p in named])  # type: ignore[attr-defined]
-            after = grad_norms(grads, self.config.norm_type, foreach=self.config.foreach)
-            clipped_total = after.total.float()
-            coef_min = torch.where(count > 0, 0.0, 1.0).to(total.device)
-            threshold = torch.full_like(total, math.inf)
-            return threshold, coef_min, clipped_total, clipped_total
-        limit = self.policy.threshold(norms)
-        if scope == "tensor":
-            assert isinstance(limit, list)
-            coefs = [
-                torch.where(n.isfinite(), (t / (n + EPS)).clamp(max=1.0), 1.0)
-                for t, n in zip(limit, norms.per_tensor)
-            ]
-            for g, c in zip(grads, coefs):
-                g.mul_(c.to(g.dtype))
-            post = [n * c for n, c in zip(norms.per_tensor, coefs)]
-            clipped_total = total_from_norms(post, self.config.norm_type, total.device).float()
-            coef_min = torch.stack(coefs).amin() if coefs else torch.ones_like(total)
-            threshold = total_from_norms(list(limit), self.config.norm_type, total.device).float()
-            return threshold, coef_min, clipped_total, post
-        assert isinstance(limit, Tensor)
-        coef = torch.where(norms.finite, (limit / (total + EPS)).clamp(max=1.0), 1.0)
-        if grads:
-            mul_(grads, coef, self.config.foreach)
-        clipped_total = total * coef
-        return limit.float(), coef, clipped_total, clipped_total
+    def _scaler_unscaled_by_framework(self) -> bool:
+        # Lightning unscales before its on_before_optimizer_step hook; unscaling twice raises.
+        # GradScaler has no public query for its stage: this reads its per-optimizer record.
+        states = getattr(self.scaler, "_per_optimizer_states", {})
+        stage = states.get(id(self.optimizer), {}).get("stage") if states else None
+        return getattr(stage, "name", "") == "UNSCALED"
 
-    def _stage(self, flags: Tensor) -> tuple[Tensor, Any]:
-        """Start moving the flag bits to host memory without waiting for them.
-
-        On CUDA: a non-blocking copy into pinned memory and an event; on the CPU the bits are
-        in host memory already. Other devices pay a synchronous copy here.
-        """
+    def _stage_bits(self, flags: Tensor) -> tuple[Tensor, Any]:
+        """Start moving the flag bits to host memory without waiting for them (CUDA: a pinned
+        non-blocking copy and an event; the CPU: host memory already)."""
         bits = (flags > 0).to(torch.uint8)
         if bits.device.type == "cuda":
             host = torch.empty(bits.shape, dtype=torch.uint8, pin_memory=True)
@@ -757,200 +855,135 @@ class Guard:
             return host, event
         return bits.to("cpu"), None
 
+    def _read(self, s: _Step) -> list[bool]:
+        if s.event is not None:
+            # Waits for the step that produced the flags, not for the work queued since.
+            s.event.synchronize()
+        return [b != 0 for b in s.host.untyped_storage().tolist()[: s.host.numel()]]
+
+    def _settle_report(self, s: _Step) -> None:
+        """A report's host values were asked for: settle (and act, outside a step) now."""
+        if s is self._current:
+            # Read during its own step (sync-free mode): decide now, act after the step.
+            s.bits = self._read(s)
+            self._decide(s)
+            return
+        self.settle()
+        if self.stage is Stage.READY:
+            self._finish_pending()
+
     # ------------------------------------------------------------------ act
-
-    def _hand_flag_to_optimizer(self, pending: _Pending) -> None:
-        skip = pending.skip
-        device = self.optimizer.param_groups[0]["params"][0].device
-        self.optimizer.found_inf = skip.to(device, torch.float32)  # type: ignore[attr-defined]
-        self._set_found_inf = True
-
-    def _pending_action_skips(self, report: StepReport) -> bool:
-        return report._outcome.action in SKIPPING
 
     def _apply(self) -> None:
         """The plain loop's optimizer, scheduler and scaler steps."""
-        pending = self._pending
-        if pending is not None and pending.lazy:
+        s = self._current
+        assert s is not None
+        if s.lazy:
             # Fused optimizer: the skip happens inside the kernel. The scheduler steps now, on
-            # the guess that the step was applied; when the host reads the flags (next step)
-            # and finds a skip, it puts the scheduler and the LRs back before they are used.
-            self._hand_flag_to_optimizer(pending)
-            self.optimizer.step()
-            if self.scheduler is not None:
-                lrs = [g["lr"] for g in self.optimizer.param_groups]
-                pending.undo = (copy.deepcopy(self.scheduler.state_dict()), lrs)
-                self.scheduler.step()
-            return
-        outcome = self._last_outcome
-        if outcome is not None and outcome.action not in SKIPPING:
-            if self._scaler_unscaled:
-                self.scaler.step(self.optimizer)
-            else:
+            # the guess that the step was applied; settle() puts it back if it was not.
+            _skip.arm_found_inf(self.optimizer, s.skip)
+            self.lr_scale.apply(self.optimizer)
+            try:
                 self.optimizer.step()
+            finally:
+                _skip.disarm_found_inf(self.optimizer)
+                self.lr_scale.restore()
+            if self.scheduler is not None:
+                s.undo = _skip.GroupState(self.optimizer, self.scheduler)
+                self.scheduler.step()
+            self._unread = s
+            return
+        if s.verdict is not None and not s.verdict.skipped:
+            self.lr_scale.apply(self.optimizer)
+            try:
+                self.optimizer.step()
+            finally:
+                self.lr_scale.restore()
             if self.scheduler is not None:
                 self.scheduler.step()
-
-    def _scaler_update(self) -> None:
-        if self._scaler_unscaled:
-            self._scaler_unscaled = False
-            self.scaler.update()
 
     def _noop_framework_step(self) -> None:
         """Make the framework's coming optimizer.step() and scheduler.step() do nothing."""
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        if self.scheduler is not None and not self._scheduler_patched:
-            self.scheduler.step = lambda *a, **k: None
-            self._scheduler_patched = True
+        _skip.drop_grads(self._params())
+        if self.scheduler is not None:
+            self._disarm.append(_skip.noop_scheduler_step(self.scheduler))
 
-    def _disarm_scheduler(self) -> None:
-        if self._scheduler_patched:
-            del self.scheduler.step  # the instance attribute; the class method shows again
-            self._scheduler_patched = False
-
-    def _discarded_report(self, plain: bool) -> StepReport:
-        """The report of a step whose batch arrived before a rollback: it is not applied."""
-        self._discard = True
+    def _dropped(self, plain: bool) -> StepReport:
+        """The report of a batch computed before a rollback: it is not applied."""
+        self.stage = Stage.DROPPED
         if not plain:
             self._noop_framework_step()
-        like = torch.zeros(())
-        outcome = _Outcome()
-        outcome.action = "rollback"
-        outcome.reason = "rolled back to a snapshot; this batch was computed before it, dropped"
-        outcome.signal = self._last_outcome.signal if self._last_outcome else ""
+        nan = torch.full((), math.nan)
+        verdict = Verdict(
+            "rollback", reason="rolled back to a snapshot; this batch was computed before it"
+        )
         return StepReport(
             self.step_count,
             self.position,
-            _nan(like),
-            _nan(like),
-            _nan(like),
+            nan,
+            nan,
+            nan,
             torch.ones((), dtype=torch.bool),
-            outcome,
-            lambda: None,
+            lambda: verdict,
+            verdict,
         )
 
-    # ------------------------------------------------------------------ decide (host)
+    def _forget_pending(self) -> None:
+        self._unread = self._unacted = self._current = None
 
-    def _read(self, p: _Pending) -> list[bool]:
-        if p.event is not None:
-            # Waits for the step that produced the flags (one step behind in lazy mode), not for
-            # the work queued since; no synchronizing copy is issued.
-            p.event.synchronize()
-        # The bytes are in host memory: reading the storage does not touch the device.
-        return [b != 0 for b in p.host.untyped_storage().tolist()[: p.host.numel()]]
+    def _finish_pending(self) -> bool:
+        """Settle and carry out the pending step's verdict; True when it rolled back."""
+        self.settle()
+        s, self._unacted = self._unacted, None
+        if s is None:
+            return False
+        self._act(s)
+        if s.verdict is not None and not s.verdict.skipped:
+            self._run_hooks(s)
+        return s.verdict is not None and s.verdict.action == "rollback"
 
-    def _resolve_quietly(self) -> None:
-        self._resolve()
-
-    def _resolve(self) -> _Outcome | None:
-        """Read the pending step's flags and carry out the decision. Returns its outcome."""
-        p = self._pending
-        if p is None:
-            return None
-        self._pending = None
-        vals = self._read(p)
-        clipped = vals[0]
-        fired = [k for k, v in zip(self.keys, vals[1:]) if v]
-        amp = "amp_overflow" in fired
-        incidents = [k for k in fired if k != "amp_overflow"]
-        if incidents and self.counters.streak == 0:
-            self.streak_start = p.position
-        can_rollback = self.snapshots.has(self.streak_start)
-        action, signal = decide(
-            incidents, self.ladders, self.config.budgets, self.counters, can_rollback
-        )
-        if action in ("log", "clip") or action == "step":
-            if amp:
-                action, signal = "skip", "amp_overflow"
-            else:
-                action = "clip" if clipped else "step"
-        o = p.outcome
-        o.action, o.signal = action, signal
-        o.reason = self._reason(action, signal, fired)
-        self._last_outcome = o
-        p.row["action"] = action
-        self.recorder.log(p.step, **p.row)
-        self._act(p, action, signal, amp, fired)
-        return o
-
-    def _reason(self, action: str, signal: str, fired: list[str]) -> str:
-        if signal == "amp_overflow":
-            return "amp_overflow: the loss scaler found inf/NaN gradients and lowers its scale"
-        if action not in SKIPPING:
-            return f"logged: {', '.join(fired)} fired" if fired else ""
-        c = self.counters
-        detail = {
-            "skip": "step not applied",
-            "backoff": f"step not applied, learning rate x{self.config.backoff_factor}",
-            "rollback": "restored the last good snapshot, bad batches skipped on replay",
-            "abort": (
-                f"budgets spent (skips in a row {c.streak}, rollbacks {c.rollbacks}, "
-                f"back-offs {c.backoffs})"
-            ),
-        }[action]
-        return f"{signal}: {detail}"
-
-    def _act(self, p: _Pending, action: str, signal: str, amp: bool, fired: list[str]) -> None:
-        c = self.counters
-        if action not in SKIPPING:
-            c.streak = 0
-            if fired:
+    def _act(self, s: _Step) -> None:
+        """Decide from the bits, record, and carry out back-off, rollback or abort."""
+        v = s.verdict if s.verdict is not None else self._decide(s)
+        s.row["action"] = v.action
+        self.recorder.log(s.step, **s.row)
+        if not v.skipped:
+            if v.fired:
                 self.recorder.event(
-                    p.step, "action", action="log", reason=self._last_reason(), signal=fired[0]
+                    s.step, "action", action="log", reason=v.reason, signal=v.fired[0]
                 )
             return
-        if p.undo is not None:  # the scheduler stepped on a guess; this step was not applied
-            sched_state, lrs = p.undo
-            self.scheduler.load_state_dict(sched_state)
-            for group, lr in zip(self.optimizer.param_groups, lrs):
-                group["lr"] = lr
-        if signal == "amp_overflow":
-            c.amp_skips += 1
-            return
         extra: dict[str, Any] = {}
-        if action == "skip":
-            c.streak += 1
-            c.skips += 1
-        elif action == "backoff":
-            c.streak += 1
-            c.skips += 1
-            c.backoffs += 1
-            self._backoff()
-        elif action == "rollback":
-            extra = self._rollback(p)
-        self.recorder.event(
-            p.step,
-            "action",
-            action=action,
-            reason=p.outcome.reason,
-            signal=signal,
-            score=self._score(p, signal),
-            position=p.position,
-            **extra,
-        )
-        if action == "abort":
-            self._abort(p, signal)
+        if v.action == "backoff":
+            self.lr_scale.backoff(self.config.backoff_factor)
+        elif v.action == "rollback":
+            extra = self._rollback(s)
+        if v.signal != "amp_overflow":
+            score = s.scores[v.index] if v.index is not None and v.index < len(s.scores) else 1.0
+            self.recorder.event(
+                s.step,
+                "action",
+                action=v.action,
+                reason=v.reason,
+                signal=v.signal,
+                score=score,
+                position=s.position,
+                **extra,
+            )
+        if v.action == "abort":
+            self._abort(s)
 
-    def _last_reason(self) -> str:
-        return self._last_outcome.reason if self._last_outcome else ""
+    def _decide(self, s: _Step) -> Verdict:
+        assert s.bits is not None
+        if any(s.bits[2:]) and self.counters.streak == 0:
+            self.streak_start = s.position
+        v = self.responder.decide(s.bits, self.snapshots.has(self.streak_start))
+        s.verdict = s.report.verdict = v
+        return v
 
-    def _score(self, p: _Pending, signal: str) -> Any:
-        idx = self.keys.index(signal) - 2 if signal in self.keys else -1
-        if 0 <= idx < len(p.scores):
-            return p.scores[idx]
-        return 1.0
-
-    def _backoff(self) -> None:
-        f = self.config.backoff_factor
-        for group in self.optimizer.param_groups:
-            for key in ("lr", "initial_lr"):
-                if key in group:
-                    v = group[key]
-                    group[key] = v.mul_(f) if isinstance(v, Tensor) else v * f
-        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
-            self.scheduler.base_lrs = [b * f for b in self.scheduler.base_lrs]
+    def _run_hooks(self, s: _Step) -> None:
+        for hook in list(self._step_hooks):
+            hook(s.report)
 
     def _agreed_snapshot(self, max_position: int | None) -> dict[str, Any] | None:
         """The newest snapshot every rank can read: the same step on all ranks, or ``None``."""
@@ -970,40 +1003,71 @@ class Guard:
                 return None
             snap = self.snapshots.latest(max_position=max_position, max_step=int(-neg_lo))
 
-    def _rollback(self, p: _Pending) -> dict[str, Any]:
-        snap = self._agreed_snapshot(self.streak_start)
-        if snap is None:  # a disk snapshot turned out unreadable and none is left
-            self._abort(p, "rollback")
-        assert snap is not None
-        # The scaler consumed this step's unscale_ record before its state is replaced.
-        self._scaler_update()
+    def _restore(self, snap: dict[str, Any], full: bool) -> None:
+        """Put model, optimizer, scheduler, scaler, RNGs and the guard back to ``snap``.
+
+        ``full`` (resume): also counters, skip list and back-off. A rollback keeps those: what
+        was learnt about the bad window and the back-off must survive it.
+        """
         restore(snap, self.model, self.optimizer, self.scheduler, self.scaler)
-        core = snap["guard"]
-        # Copies: the snapshot may be restored again by a later rollback.
-        self.policy.load_state_dict(copy.deepcopy(core["policy"]))
-        for d, st in zip(self.detectors, core["detectors"]):
-            d.load_state_dict(copy.deepcopy(st))
-        start = max(0, self.streak_start - self.config.skip_before)
-        self.skip_list.add(start, p.position + self.config.skip_after)
-        self.counters.rollbacks += 1
-        self.counters.streak = 0
+        g = snap["guard"]
+        self.policy.load_state_dict(_clone(g["policy"]))
+        for d, st in zip(self.detectors, g["detectors"]):
+            d.load_state_dict(_clone(st))
+        if full and "counters" in g:
+            self.counters.load_state_dict(g["counters"])
+            self.skip_list.load_state_dict(g["skip_list"])
+            self.streak_start = int(g["streak_start"])
+            self.lr_scale.scale = float(g.get("lr_scale", 1.0))
         self.step_count = int(snap["step"])
         self.position = self.skip_list.next_allowed(int(snap["position"]))
-        self._discard = True
+        if self.buffers is not None:
+            self.buffers.keep_()
+
+    def _rollback(self, s: _Step) -> dict[str, Any]:
+        snap = self._agreed_snapshot(self.streak_start)
+        if snap is None:  # a disk snapshot turned out unreadable and none is left
+            self._abort(s)
+        assert snap is not None
+        if s.unscaled and s is self._current:
+            # The scaler consumed this step's unscale_ record before its state is replaced.
+            self.scaler.update()
+            s.unscaled = False
+        self._restore(snap, full=False)
+        start = max(0, self.streak_start - self.config.skip_before)
+        end = s.position + self.config.skip_after
+        self.skip_list.add(start, end)
+        self.position = self.skip_list.next_allowed(self.position)
+        self._current = None
+        self.stage = Stage.DROPPED if self.stage is not Stage.READY else Stage.READY
         return {
             "restored_step": self.step_count,
             "skip_start": start,
-            "skip_end": p.position + self.config.skip_after,
+            "skip_end": end,
             "resume_position": self.position,
         }
 
-    def _abort(self, p: _Pending, signal: str) -> None:
+    def _abort(self, s: _Step) -> None:
         c = self.counters
+        snap = self._agreed_snapshot(self.streak_start) if self.snapshots.has() else None
+        if snap is not None:
+            self._restore(snap, full=False)
+            where = f"model and optimizer restored to the snapshot of step {self.step_count}"
+        else:
+            if self.buffers is not None:
+                self.buffers.settle_(True)  # the aborted batch's forward changed them
+            finite = all(bool(p.isfinite().all()) for p in self._params())
+            where = (
+                f"model and optimizer hold the state before the streak began (position "
+                f"{self.streak_start}): the flagged steps were not applied"
+                + ("" if finite else "; the weights were already non-finite then")
+            )
         incident = {
-            "step": p.step,
-            "position": p.position,
-            "signal": signal,
-            "reason": p.outcome.reason,
+            "step": s.step,
+            "position": s.position,
+            "signal": s.verdict.signal if s.verdict else "",
+            "reason": s.verdict.reason if s.verdict else "",
+            "state": where,
             "skips_in_a_row": c.streak,
             "skips": c.skips,
             "rollbacks": c.rollbacks,
@@ -1011,10 +1075,12 @@ class Guard:
             "skipped_windows": [list(w) for w in self.skip_list.windows],
         }
         flat = {k: v for k, v in incident.items() if k not in ("step", "skipped_windows")}
-        self.recorder.event(p.step, "incident", **flat)
+        self.recorder.event(s.step, "incident", **flat)
+        self._forget_pending()
+        self.stage = Stage.READY
         raise GuardAbort(
-            f"gradguard aborted training at step {p.step} (position {p.position}): "
-            f"{p.outcome.reason}",
+            f"gradguard aborted training at step {s.step} (position {s.position}): "
+            f"{incident['reason']}; {where}",
             incident,
         )
 
@@ -1028,25 +1094,33 @@ class Guard:
             "detectors": [d.state_dict() for d in self.detectors],
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything to continue identically: policy, detectors, counters, skip list, records.
-
-        Resolves the pending step first (one host sync).
-        """
-        self._resolve()
+    def _snapshot_state(self) -> dict[str, Any]:
         return {
-            "version": STATE_VERSION,
             **self._core_state(),
-            "keys": list(self.keys),
             "streak_start": self.streak_start,
             "counters": self.counters.state_dict(),
             "skip_list": self.skip_list.state_dict(),
+            "lr_scale": self.lr_scale.scale,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to continue identically: policy, detectors, counters, skip list, back-off,
+        records. Settles and acts on the pending step first (one host sync)."""
+        self._finish_pending()
+        return {
+            "version": STATE_VERSION,
+            **self._snapshot_state(),
+            "keys": list(self.keys),
             "recorder": self.recorder.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output. Load the model, optimizer and scheduler first:
-        with ``snapshot_every``, a snapshot of the loaded state replaces the in-memory ones."""
+        with ``snapshot_every``, a snapshot of the loaded state replaces the in-memory ones.
+
+        Raises:
+            TypeError, ValueError: not a state of a guard built like this one (nothing changes).
+        """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         need = ["version", "step", "position", "policy", "detectors", "keys", "streak_start"]
@@ -1056,24 +1130,31 @@ class Guard:
             raise ValueError(f"Guard.load_state_dict: state lacks keys {missing}")
         if int(state["version"]) > STATE_VERSION:
             raise ValueError(f"guard state version {state['version']} is newer than supported")
-        if list(state["keys"]) != self.keys:
-            raise ValueError(
-                f"Guard.load_state_dict: the state was saved with signals {state['keys']}, "
-                f"this guard has {self.keys}; build it with the same detectors"
-            )
+        self.responder.check_layout(state)
         if len(state["detectors"]) != len(self.detectors):
             raise ValueError("Guard.load_state_dict: detector count differs")
-        self._pending = None
+        self.responder.load_state_dict(state)
+        self._forget_pending()
         self._earlier_run = []
+        self.stage = Stage.READY
         self.policy.load_state_dict(state["policy"])
         for d, st in zip(self.detectors, state["detectors"]):
             d.load_state_dict(st)
         self.step_count = int(state["step"])
         self.position = int(state["position"])
         self.streak_start = int(state["streak_start"])
-        self.counters.load_state_dict(state["counters"])
         self.skip_list.load_state_dict(state["skip_list"])
+        self.lr_scale.scale = float(state.get("lr_scale", 1.0))
         self.recorder.load_state_dict(state["recorder"])
+        if self.buffers is not None:
+            self.buffers.keep_()
         if self.config.snapshot_every:
             self.snapshots.clear()
             self.snapshot()
+
+
+def _clone(state: Any) -> Any:
+    """A copy of a stored state (a snapshot may be restored again by a later rollback)."""
+    import copy
+
+    return copy.deepcopy(state)

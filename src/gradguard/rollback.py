@@ -645,11 +645,27 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
     batch sampler (``DataLoader(ds, batch_sampler=guard.skip_sampler(BatchSampler(...)))``) so
     that one item is one batch.
 
+    With ``position`` (what :meth:`gradguard.guard.Guard.skip_sampler` passes: the guard's data
+    position) the sampler is *position-driven*: each item it yields is the one at the position
+    the guard expects next, read when the DataLoader asks for it. After a rollback the guard's
+    position goes back to the snapshot's and the sampler replays from there, leaving out the bad
+    window: the same batches as the position-driven loop of docs/guard.md. Each epoch's order is
+    drawn once, when the epoch starts, and kept while it is replayed. A DataLoader with worker
+    processes asks for items ahead of the guard's decisions, so there the replay is exact only
+    with ``num_workers=0``. With ``drop`` too, an item (a batch's index list) that a rollback
+    put in a bad window is also left out when a later epoch brings it again: the sampler calls
+    ``drop()`` (the guard's :meth:`~gradguard.guard.Guard.drop_batch`) instead of yielding it.
+
     Args:
         sampler: any iterable of indices or of index lists.
         should_skip: ``position -> bool`` (a guard's :meth:`~gradguard.guard.Guard.should_skip`).
         per_step: items per optimizer step (>= 1).
         start: the position of the first item.
+        position: ``() -> int``, the position whose items come next (``None``: count items).
+        drop: ``() -> int``, moves the position past an item left out (position-driven only).
+
+    Example:
+        >>> loader = DataLoader(ds, batch_sampler=guard.skip_sampler(BatchSampler(s, 32, False)))
     """
 
     def __init__(
@@ -658,6 +674,8 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
         should_skip: Callable[[int], bool],
         per_step: int = 1,
         start: int = 0,
+        position: Callable[[], int] | None = None,
+        drop: Callable[[], int] | None = None,
     ) -> None:
         if not callable(should_skip):
             raise TypeError("should_skip must be callable")
@@ -665,17 +683,75 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
             raise ValueError(f"per_step must be an int >= 1, got {per_step!r}")
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise ValueError(f"start must be an int >= 0, got {start!r}")
+        for name, fn in (("position", position), ("drop", drop)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable or None")
         self.sampler = sampler
         self.should_skip = should_skip
         self.per_step = per_step
+        self.position = position
+        self.drop = drop
+        self.bad: set[Any] = set()  # keys of items found in bad windows
         self.count = start * per_step  # items enumerated so far, skipped ones included
+        # Position-driven mode: the epochs drawn so far, as (first position, items), newest last.
+        self._epochs: list[tuple[int, list[Any]]] = []
 
     def __iter__(self) -> Iterator[Any]:
+        if self.position is not None:
+            yield from self._driven()
+            return
         for item in self.sampler:
             position = self.count // self.per_step
             self.count += 1
             if not self.should_skip(position):
                 yield item
+
+    def _driven(self) -> Iterator[Any]:
+        assert self.position is not None
+        cursor, sub = divmod(self.count, self.per_step)
+        items = list(self.sampler)
+        self._epochs = [*self._epochs[-1:], (cursor, items)]
+        end = cursor + -(-len(items) // self.per_step)
+        seen: int | None = None  # the guard's position when the last item was handed out
+        while True:
+            now = self.position()
+            if now not in (seen, cursor):
+                # The guard moved elsewhere than the next item: a rollback (or a resume).
+                if self.drop is not None:
+                    self._remember_bad(max(cursor, now))
+                cursor, sub = now, 0
+            while self.should_skip(cursor):
+                cursor, sub = cursor + 1, 0
+            if cursor >= end:
+                self.count = end * self.per_step
+                return
+            epoch_start, epoch_items = next(
+                ((a, it) for a, it in reversed(self._epochs) if a <= cursor), self._epochs[0]
+            )
+            index = (cursor - epoch_start) * self.per_step + sub
+            if index >= len(epoch_items):
+                self.count = end * self.per_step
+                return
+            item = epoch_items[index]
+            if self.drop is not None and sub == 0 and _key(item) in self.bad:
+                self.drop()  # seen in a bad window in an earlier epoch
+                cursor += 1
+                seen = self.position()
+                continue
+            sub += 1
+            if sub == self.per_step:
+                cursor, sub = cursor + 1, 0
+            self.count = cursor * self.per_step + sub
+            seen = self.position()
+            yield item
+
+    def _remember_bad(self, upto: int) -> None:
+        """Remember the items of every skipped position up to ``upto`` in the kept epochs."""
+        for start, items in self._epochs:
+            for pos in range(start, min(upto + 1, start + -(-len(items) // self.per_step))):
+                if self.should_skip(pos):
+                    first = (pos - start) * self.per_step
+                    self.bad.update(_key(i) for i in items[first : first + self.per_step])
 
     def __len__(self) -> int:
         if not isinstance(self.sampler, Sized):
@@ -683,8 +759,19 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
         return len(self.sampler)
 
     def state_dict(self) -> dict[str, Any]:
+        """The item count and ``per_step`` (the epoch's order is drawn again on resume)."""
         return {"count": self.count, "per_step": self.per_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
         self.count = int(state["count"])
         self.per_step = int(state["per_step"])
+
+
+def _key(item: Any) -> Any:
+    """A hashable identity of a sampler item (an index or a list of indices)."""
+    if isinstance(item, Tensor):
+        return tuple(item.reshape(-1).tolist())
+    if isinstance(item, (list, tuple)):
+        return tuple(_key(i) if isinstance(i, (list, tuple, Tensor)) else i for i in item)
+    return item
