@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint typecheck pytest bench fuzz install install-dev clean
+.PHONY: demo test lint typecheck pytest docs bench fuzz install install-dev clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(VENV)/.installed: $(VENV)/.base pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base pyproject.toml
-	$(PIP) install -q -e ".[report,dev,tensorboard,lightning,transformers]"
+	$(PIP) install -q -e ".[report,dev,tensorboard,lightning,transformers,wandb,mlflow,docs]"
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
@@ -43,7 +43,12 @@ pytest: $(VENV)/.dev
 fuzz: $(VENV)/.dev
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -n 2 -p no:cacheprovider $$(grep -l hypothesis tests/test_*.py)
 
-test: browser lint typecheck pytest
+# The documentation site, API reference included, into build/site. --strict: a broken link or
+# anchor, a page missing from the nav or a docstring griffe cannot read fails the build.
+docs: $(VENV)/.dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+test: browser lint typecheck docs pytest
 
 bench: $(VENV)/.dev
 	$(PIP) install -q -e ".[peers]"
