@@ -28,7 +28,12 @@ from gradguard.diagnose import Diagnosis as Diagnosis
 from gradguard.diagnose import diagnose as diagnose
 from gradguard.guard import Guard as Guard
 from gradguard.guard import GuardConfig as GuardConfig
+from gradguard.guard import Stage as Stage
 from gradguard.guard import StepReport as StepReport
+from gradguard.incident import Bundle as Bundle
+from gradguard.incident import BundleError as BundleError
+from gradguard.incident import IncidentWriter as IncidentWriter
+from gradguard.incident import load_bundle as load_bundle
 from gradguard.norms import GradNorms as GradNorms
 from gradguard.norms import get_total_norm as get_total_norm
 from gradguard.norms import grad_norms as grad_norms
@@ -42,6 +47,8 @@ from gradguard.policies import ZScoreClip as ZScoreClip
 from gradguard.probe import NonFiniteOrigin as NonFiniteOrigin
 from gradguard.probe import Probe as Probe
 from gradguard.records import Recorder as Recorder
+from gradguard.replay import Replay as Replay
+from gradguard.replay import replay as replay
 from gradguard.response import Budgets as Budgets
 from gradguard.response import GuardAbort as GuardAbort
 from gradguard.rollback import SkipSampler as SkipSampler

@@ -59,9 +59,11 @@ set to ``None``, which every torch optimizer skips) and so does its next ``sched
 
 from __future__ import annotations
 
+import collections
 import enum
 import inspect
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +74,7 @@ from torch import Tensor, nn
 from gradguard import _distributed, _validate
 from gradguard import skip as _skip
 from gradguard.detect import Detection, Detector, NonFiniteDetector, Signals, SpikeDetector
+from gradguard.incident import IncidentWriter, forward_rng_state
 from gradguard.norms import grad_norms
 from gradguard.policies import ClipPolicy, ZScoreClip
 from gradguard.records import Recorder
@@ -132,6 +135,12 @@ class GuardConfig:
         flush_every: steps between record flushes (for the default recorder).
         foreach: torch's foreach flag for norms and clipping.
         keep_buffers: put module buffers (BatchNorm running statistics) back on a skipped step.
+        incident_dir: write an incident bundle there for each incident whose action is in
+            ``incident_actions`` (``None``: none), replayable with :func:`gradguard.replay`
+            (docs/replay.md). Pass the batch to :meth:`Guard.step` so the bundle holds it.
+        incident_actions: the actions that write a bundle.
+        incident_max: at most this many bundles per run.
+        incident_history: the bundle keeps this many earlier step rows.
     """
 
     policy: ClipPolicy | None = None
@@ -151,6 +160,10 @@ class GuardConfig:
     flush_every: int = 50
     foreach: bool | None = None
     keep_buffers: bool = True
+    incident_dir: str | None = None
+    incident_actions: tuple[str, ...] = ("skip", "rollback", "abort")
+    incident_max: int = 20
+    incident_history: int = 16
 
     def __post_init__(self) -> None:
         if self.policy is not None and not isinstance(self.policy, ClipPolicy):
@@ -174,7 +187,7 @@ class GuardConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        for name in ("keep_snapshots", "flush_every"):
+        for name in ("keep_snapshots", "flush_every", "incident_max", "incident_history"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -185,6 +198,14 @@ class GuardConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
         _validate.foreach_flag(self.foreach)
+        if self.incident_dir is not None and not isinstance(self.incident_dir, (str, os.PathLike)):
+            raise TypeError("incident_dir must be a path or None")
+        self.incident_actions = tuple(self.incident_actions)
+        for a in self.incident_actions:
+            if a not in ("skip", "backoff", "rollback", "abort"):
+                raise ValueError(
+                    f"incident_actions: {a!r} is not one of skip, backoff, rollback, abort"
+                )
 
 
 class Stage(enum.Enum):
@@ -303,6 +324,8 @@ class _Step:
     undo: _skip.GroupState | None = None  # hyperparameters before a guessed scheduler step
     verdict: Verdict | None = None
     unscaled: bool = False  # this guard unscaled and owes the scaler an update()
+    batch: Any = None  # a reference, kept for an incident bundle
+    rng: Any = None  # the RNG state before this step's forward (incident bundles only)
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
@@ -452,6 +475,17 @@ class Guard:
         self._step_hooks: list[Callable[[StepReport], None]] = []
         self._disarm: list[Callable[[], None]] = []  # undone after the optimizer step
         self._names: dict[int, str] = {}
+        self.incidents = (
+            IncidentWriter(
+                config.incident_dir, config.incident_actions, max_count=config.incident_max
+            )
+            if config.incident_dir is not None
+            else None
+        )
+        self._history: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=config.incident_history
+        )
+        self._rng = forward_rng_state() if self.incidents is not None else None
         if self.lazy:
             # A checkpoint must not catch a step whose flags the host has not read yet. Settling
             # only reads and undoes a scheduler guess: no collective, so one rank may save alone.
@@ -594,7 +628,7 @@ class Guard:
 
     # ------------------------------------------------------------------ the step
 
-    def step(self, loss: Tensor | float | None = None) -> StepReport:
+    def step(self, loss: Tensor | float | None = None, batch: Any = None) -> StepReport:
         """Guard one optimizer step: replaces ``optimizer.step()`` and ``scheduler.step()``.
 
         Call it once per optimizer step, after the (last micro-batch's) backward.
@@ -602,6 +636,8 @@ class Guard:
         Args:
             loss: this step's loss, a single value (detached here; used by the loss detectors
                 and the records).
+            batch: this step's batch (a reference, never copied on a clean step): an incident
+                bundle holds it (``config.incident_dir``).
 
         Returns:
             A :class:`StepReport`.
@@ -610,13 +646,15 @@ class Guard:
             GuardAbort: the ladder reached ``"abort"`` (the incident is in the records).
             ValueError: a loss that is not a single value (nothing changes).
         """
-        report = self._before(loss, plain=True)
+        report = self._before(loss, plain=True, batch=batch)
         if self.stage is Stage.ARMED:
             self._apply()
         self.after_optimizer_step()
         return report
 
-    def before_optimizer_step(self, loss: Tensor | float | None = None) -> StepReport:
+    def before_optimizer_step(
+        self, loss: Tensor | float | None = None, batch: Any = None
+    ) -> StepReport:
         """For frameworks that call ``optimizer.step()`` themselves: everything up to the step.
 
         Unscales (AMP), measures, detects, decides and clips. When the step must not be applied
@@ -626,7 +664,7 @@ class Guard:
         Raises:
             RuntimeError: called twice without :meth:`after_optimizer_step` in between.
         """
-        return self._before(loss, plain=False)
+        return self._before(loss, plain=False, batch=batch)
 
     def after_optimizer_step(self) -> None:
         """Undo the arming, settle buffers and scaler, count the step, snapshot when due.
@@ -640,6 +678,8 @@ class Guard:
                 "before_optimizer_step() (or use guard.step()) first"
             )
         s, self._current = self._current, None
+        if self.incidents is not None:
+            self._rng = forward_rng_state()  # the next forward starts from here
         for undo in self._disarm:
             undo()
         self._disarm.clear()
@@ -698,7 +738,7 @@ class Guard:
 
     # ------------------------------------------------------------------ measure .. decide
 
-    def _before(self, loss: Tensor | float | None, plain: bool) -> StepReport:
+    def _before(self, loss: Tensor | float | None, plain: bool, batch: Any = None) -> StepReport:
         if self.stage is Stage.NEEDS_RESUME:
             raise ValueError(
                 f"snapshot_dir {self.config.snapshot_dir!r} holds snapshots of an earlier run "
@@ -717,6 +757,9 @@ class Guard:
         if rolled_back:
             return self._dropped(plain)
         s = self._measure(loss_t, params, plain)
+        if self.incidents is not None:
+            s.batch, s.rng = batch, self._rng
+            self._history.append(s.row)
         self._current = s
         self.stage = Stage.ARMED
         for d in self.detectors:
@@ -954,6 +997,10 @@ class Guard:
                 )
             return
         extra: dict[str, Any] = {}
+        if self.incidents is not None and v.action in self.incidents.actions:
+            path = self._write_incident(s, v)
+            if path is not None:
+                extra["bundle"] = str(path)
         if v.action == "backoff":
             self.lr_scale.backoff(self.config.backoff_factor)
         elif v.action == "rollback":
@@ -980,6 +1027,29 @@ class Guard:
         v = self.responder.decide(s.bits, self.snapshots.has(self.streak_start))
         s.verdict = s.report.verdict = v
         return v
+
+    def _write_incident(self, s: _Step, v: Verdict) -> Any:
+        """An incident bundle of ``s``, written before its verdict changes any state."""
+        assert self.incidents is not None
+        cfg = {k: getattr(self.config, k) for k in self.config.__dataclass_fields__}
+        amp = self.scaler is not None and self.scaler.is_enabled()
+        return self.incidents.write(
+            step=s.step,
+            position=s.position,
+            action=v.action,
+            signal=v.signal,
+            reason=v.reason,
+            batch=s.batch,
+            rng=s.rng if s.rng is not None else forward_rng_state(),
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            history=list(self._history),
+            config=cfg,
+            recorded={"loss": s.row["loss"], "grad_norm": s.row["grad_norm"]},
+            amp_dtype=torch.float16 if amp else None,
+        )
 
     def _run_hooks(self, s: _Step) -> None:
         for hook in list(self._step_hooks):
