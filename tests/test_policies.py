@@ -254,12 +254,12 @@ def test_agc_policy_equals_agc_and_never_clips_globally() -> None:
     for p, q in zip(model.parameters(), twin.parameters()):
         q.grad = p.grad.clone()  # type: ignore[union-attr]
     policy = AGCPolicy(0.01, exclude=["2"])
-    count = policy.clip_(model)
-    assert int(count) == int(agc_(twin, 0.01, exclude=["2"])) and int(count) > 0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    c = policy.clip_(grads, grad_norms(grads), model)
+    count = agc_(twin, 0.01, exclude=["2"])
+    assert bool(c.clipped) and int(count) > 0
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad)  # type: ignore[arg-type]
-    assert policy.scope == "unit"
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert float(policy.threshold(grad_norms(grads))) == INF
 
 
@@ -501,18 +501,16 @@ def test_clip_and_update_never_read_the_device(name: str) -> None:
             policy.update(norms, c.learn, norms.finite)
 
 
-def test_agc_clip_reports_and_keeps_the_old_one_argument_form() -> None:
+def test_agc_clip_equals_agc_and_needs_the_weights() -> None:
     grads = [g * 50 for g in _model_steps(1)[0]]
     ours, theirs = _params(grads), _params(grads)
     c = AGCPolicy(0.01).clip_([p.grad for p in ours], grad_norms(grads), ours)
-    count = AGCPolicy(0.01).clip_(theirs)  # the guard's call until it moves to the full form
+    count = agc_(theirs, 0.01)
     assert int(count) > 0 and bool(c.clipped) and float(c.threshold) == INF
     for p, q in zip(ours, theirs):
         assert torch.equal(p.grad, q.grad)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="params"):
         AGCPolicy().clip_(grads, grad_norms(grads))
-    with pytest.raises(TypeError, match="norms"):
-        FixedThreshold().clip_(ours)
 
 
 # --------------------------------------------------------------- against the real autoclip

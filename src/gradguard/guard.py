@@ -829,8 +829,9 @@ class Guard:
             amp_overflow = ~grads_ok if amp else torch.zeros_like(grads_ok)
             nonfinite = (~loss_ok | (bad & grads_ok)) if amp else bad
             detections: list[Detection] = [d.check(signals) for d in self.detectors]
+            # The model as params: AGC clips relative to its weights and excludes by module name.
             clip = self.policy.clip_(
-                grads, norms, [p for _, p in live], norm_type=cfg.norm_type, foreach=cfg.foreach
+                grads, norms, self.model, norm_type=cfg.norm_type, foreach=cfg.foreach
             )
             quiet = ~amp_overflow  # a loss-scale overflow is no spike
             flags = self.responder.flags(

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, overload
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -77,10 +77,6 @@ class ClipPolicy(Stateful, ABC):
     (:class:`gradguard._state.Stateful`), which give ``state_dict`` and a validated
     ``load_state_dict``.
 
-    Attributes:
-        scope: transitional, read by the guard until it calls :meth:`clip_`: ``"global"`` (one
-            threshold for the total norm), ``"tensor"`` (one per gradient) or ``"unit"`` (AGC).
-
     Example:
         >>> class Half(ClipPolicy):
         ...     def threshold(self, norms):
@@ -88,7 +84,6 @@ class ClipPolicy(Stateful, ABC):
         >>> c = Half().clip_(grads, grad_norms(grads))   # every step halves the total norm
     """
 
-    scope: ClassVar[str] = "global"
 
     @abstractmethod
     def threshold(self, norms: GradNorms) -> Tensor | list[Tensor]:
@@ -113,10 +108,6 @@ class ClipPolicy(Stateful, ABC):
         """
         return None
 
-    @overload
-    def clip_(self, grads: Parameters) -> Tensor: ...
-
-    @overload
     def clip_(
         self,
         grads: Sequence[Tensor],
@@ -125,17 +116,7 @@ class ClipPolicy(Stateful, ABC):
         *,
         norm_type: float = 2.0,
         foreach: bool | None = None,
-    ) -> Clipped: ...
-
-    def clip_(
-        self,
-        grads: Any,
-        norms: GradNorms | None = None,
-        params: Parameters | None = None,
-        *,
-        norm_type: float = 2.0,
-        foreach: bool | None = None,
-    ) -> Clipped | Tensor:
+    ) -> Clipped:
         """Clip ``grads`` in place to this step's threshold; the one way a policy acts.
 
         The coefficient is :func:`gradguard.clip.clip_coefficient`'s
@@ -156,16 +137,11 @@ class ClipPolicy(Stateful, ABC):
             :class:`~gradguard.clip.Clipped`: threshold, whether anything was clipped, the
             post-clip total, and what :meth:`update` learns from.
 
-        Raises:
-            TypeError: ``norms`` missing (the one-argument form belongs to :class:`AGCPolicy`).
-
         Example:
             >>> norms = grad_norms(grads)
             >>> c = FixedThreshold(1.0).clip_(grads, norms)
             >>> policy.update(norms, c.learn, accepted)
         """
-        if norms is None:
-            raise TypeError(f"{type(self).__name__}.clip_ needs the gradients and their norms")
         limit = self.threshold(norms)
         if isinstance(limit, Tensor):
             return clip_with_norms_(grads, limit, norms, norm_type=norm_type, foreach=foreach)
@@ -190,7 +166,6 @@ class FixedThreshold(ClipPolicy):
         tensor(1.)
     """
 
-    scope: ClassVar[str] = "global"
     _config_keys = ("max_norm",)
 
     def __init__(self, max_norm: float = 1.0) -> None:
@@ -237,7 +212,6 @@ class QuantileClip(ClipPolicy):
         >>> c = policy.clip_(grads, norms); policy.update(norms, c.learn, accepted)
     """
 
-    scope: ClassVar[str] = "global"
     _config_keys = ("quantile", "history", "warmup", "max_norm", "feed")
 
     def __init__(
@@ -345,7 +319,6 @@ class ZScoreClip(ClipPolicy):
         >>> c = policy.clip_(grads, norms); policy.update(norms, c.learn, accepted)
     """
 
-    scope: ClassVar[str] = "global"
     _config_keys = ("alpha", "z_thresh", "warmup", "mode", "max_norm", "eps")
 
     def __init__(
@@ -484,7 +457,6 @@ class EMARatioClip(ClipPolicy):
         >>> c = policy.clip_(grads, norms); policy.update(norms, c.learn, accepted)
     """
 
-    scope: ClassVar[str] = "tensor"
     _config_keys = ("ratio", "beta", "warmup", "max_norm")
 
     def __init__(
@@ -594,7 +566,6 @@ class AGCPolicy(ClipPolicy):
         tensor(True)
     """
 
-    scope: ClassVar[str] = "unit"
     _config_keys = ("clip_factor", "eps")
 
     def __init__(
@@ -607,10 +578,7 @@ class AGCPolicy(ClipPolicy):
             list(exclude) if not isinstance(exclude, (str, nn.Module, Tensor)) else [exclude]
         )
 
-    @overload
-    def clip_(self, grads: Parameters) -> Tensor: ...
-
-    @overload
+    @torch.no_grad()
     def clip_(
         self,
         grads: Sequence[Tensor],
@@ -619,18 +587,7 @@ class AGCPolicy(ClipPolicy):
         *,
         norm_type: float = 2.0,
         foreach: bool | None = None,
-    ) -> Clipped: ...
-
-    @torch.no_grad()
-    def clip_(
-        self,
-        grads: Any,
-        norms: GradNorms | None = None,
-        params: Parameters | None = None,
-        *,
-        norm_type: float = 2.0,
-        foreach: bool | None = None,
-    ) -> Clipped | Tensor:
+    ) -> Clipped:
         """Clip ``params``' gradients unit-wise in place, then measure them again.
 
         Args:
@@ -643,15 +600,11 @@ class AGCPolicy(ClipPolicy):
 
         Returns:
             :class:`~gradguard.clip.Clipped` with threshold ``+inf``, ``clipped`` True when
-            any unit was scaled down, and the post-clip total (also ``learn``). The older
-            one-argument form ``clip_(parameters)`` returns the number of clipped units
-            (0-dim int64); it stays until the guard calls the full form.
+            any unit was scaled down, and the post-clip total (also ``learn``).
 
         Raises:
             TypeError: ``params`` missing.
         """
-        if norms is None:  # the one-argument form: clip_(parameters) -> clipped-unit count
-            return agc_(grads, self.clip_factor, self.eps, exclude=self.exclude)
         if params is None:
             raise TypeError("AGCPolicy.clip_ needs params: AGC clips relative to the weights")
         count = agc_(params, self.clip_factor, self.eps, exclude=self.exclude, foreach=foreach)
