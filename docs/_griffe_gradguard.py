@@ -5,6 +5,9 @@ Two habits of the code base that griffe's Google parser does not know:
 * ``Example:`` (singular) heads the example section. Griffe reads only ``Examples:`` as one and
   would render ``Example:`` as an admonition, so its ``>>>`` lines would become nested block
   quotes instead of code. The singular is renamed to the plural.
+* Several parameters described together (``step, position: where the step was``; ``*args,
+  **kwargs: the Trainer's own``) in an ``Args:`` section. Each name gets the shared
+  description, so griffe still checks every name against the signature.
 * Sphinx roles (``:class:`~gradguard.guard.Guard```, ``:meth:`state_dict```) would show as raw
   text. Each becomes an optional cross-reference: a link where the target is documented, plain
   code where it is not (a private helper, a lab class), so the strict build stays strict about
@@ -37,8 +40,52 @@ def _target(obj: Any, name: str) -> str:
     return name
 
 
+_ARGS_HEADER = re.compile(r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Other Parameters):\s*$")
+_SHARED = re.compile(r"^(\s+)(\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)+)(\s*\([^)]*\))?:(.*)$")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def split_shared_args(text: str) -> str:
+    """``a, b: text`` items of an ``Args:`` section as ``a: text`` and ``b: text``."""
+    lines = text.splitlines()
+    out: list[str] = []
+    i = 0
+    section: int | None = None  # the header's indent while inside an Args section
+    while i < len(lines):
+        line = lines[i]
+        header = _ARGS_HEADER.match(line)
+        if header:
+            section = len(header.group(1))
+            out.append(line)
+            i += 1
+            continue
+        if section is not None and line.strip() and _indent(line) <= section:
+            section = None
+        shared = _SHARED.match(line) if section is not None else None
+        if shared is None:
+            out.append(line)
+            i += 1
+            continue
+        pad, names, kind, desc = shared.groups()
+        body = [desc]
+        i += 1
+        while i < len(lines) and (not lines[i].strip() or _indent(lines[i]) > len(pad)):
+            body.append(lines[i])
+            i += 1
+        while len(body) > 1 and not body[-1].strip():  # keep blank lines between items
+            i -= 1
+            body.pop()
+        for name in (n.strip() for n in names.split(",")):
+            out.append(f"{pad}{name}{kind or ''}:{body[0]}")
+            out.extend(body[1:])
+    return "\n".join(out)
+
+
 def rewrite(text: str, obj: Any = None) -> str:
-    """``text`` with ``Example:`` as ``Examples:`` and roles as optional cross-references."""
+    """``text`` read as griffe's Google parser expects (see the module docstring)."""
 
     def role(m: re.Match[str]) -> str:
         tilde, name = m.group(1), m.group(2).strip()
@@ -49,7 +96,7 @@ def rewrite(text: str, obj: Any = None) -> str:
             f"<code>{html.escape(shown)}</code></autoref>"
         )
 
-    return _ROLE.sub(role, _EXAMPLE.sub(r"\1Examples:", text))
+    return _ROLE.sub(role, split_shared_args(_EXAMPLE.sub(r"\1Examples:", text)))
 
 
 class GradguardDocstrings(griffe.Extension):

@@ -196,3 +196,33 @@ def test_every_public_name_has_an_api_reference_entry() -> None:
                    for d in documented)  # fmt: skip
     for integration in ("lightning", "transformers"):
         assert f"gradguard.integrations.{integration}" in documented
+
+
+def _griffe_extension() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_griffe_gradguard", DOCS / "_griffe_gradguard.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_api_reference_reads_our_docstring_dialect() -> None:
+    """The griffe extension mkdocs.yml loads: what it rewrites, and what it leaves alone."""
+    ext = _griffe_extension()
+    doc = (
+        "Do it.\n\nArgs:\n    a, b: the pair,\n        continued.\n    *args, **kwargs: the rest.\n"
+        "    c (int): one.\n\nReturns:\n    x, y: not parameters.\n\nExample:\n"
+        "    >>> f(:class:`~gradguard.guard.Guard`)\n"
+    )
+    out = ext.rewrite(doc)
+    assert "    a: the pair,\n        continued.\n    b: the pair,\n        continued.\n" in out
+    assert "    *args: the rest.\n    **kwargs: the rest.\n    c (int): one.\n" in out
+    assert "    x, y: not parameters." in out  # only Args sections are split
+    assert "\nExamples:\n" in out and "\nExample:\n" not in out
+    assert (
+        '<autoref identifier="gradguard.guard.Guard" optional><code>Guard</code></autoref>' in out
+    )

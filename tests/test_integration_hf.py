@@ -300,3 +300,34 @@ def test_gradient_accumulation_guards_once_per_step_with_hf_loss(
             assert math.isnan(r["guard/loss"])
         else:  # HF's own loss for the step (the sum over its micro-batches) is the guard's
             assert r["guard/loss"] == pytest.approx(r["loss"], rel=1e-4)
+
+
+def test_report_to_wandb_receives_the_guards_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF's own W&B integration (``report_to="wandb"``), offline: the guard's numbers arrive."""
+    pytest.importorskip("wandb")
+    import wandb
+
+    from tests._wandb import offline_env, run_dirs, wandb_history
+
+    offline_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_PROJECT", "gradguard-test")
+    trainer = GuardedTrainer(
+        model=tiny_model(), args=args(tmp_path / "out", report_to=["wandb"]), train_dataset=Embeds()
+    )
+    try:
+        trainer.train()
+    finally:
+        wandb.finish()  # HF leaves the run open; W&B writes the rest of the file now
+    (run_dir,) = run_dirs(tmp_path)
+    # HF's W&B callback prefixes training logs with "train/"
+    history = [h for h in wandb_history(run_dir) if "train/guard/grad_norm" in h]
+    logged = [r for r in trainer.state.log_history if "guard/grad_norm" in r]
+    assert len(history) == len(logged) == STEPS
+    for h, r in zip(history, logged):
+        assert h["train/global_step"] == r["step"]
+        got, want = float(h["train/guard/grad_norm"]), r["guard/grad_norm"]
+        assert got == pytest.approx(want) or (math.isnan(got) and math.isnan(want))
+    assert math.isnan(float(history[POISON]["train/guard/grad_norm"]))  # the NaN batch's step
+    assert float(history[-1]["train/guard/skipped"]) == 1

@@ -262,3 +262,31 @@ def test_gradient_accumulation_guards_once_per_optimizer_step(tmp_path: Path) ->
     pairs = [losses.losses[i : i + 2] for i in range(0, len(losses.losses), 2)]
     assert steps[1]["loss"] == pytest.approx(sum(pairs[1]), rel=1e-6)
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_wandb_logger_receives_the_guards_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's own WandbLogger, offline: the guard's numbers are in the W&B run's history."""
+    pytest.importorskip("wandb")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from tests._wandb import offline_env, run_dirs, wandb_history
+
+    offline_env(monkeypatch, tmp_path)
+    module, guard_cb = TinyModule(), GuardCallback()
+    logger = WandbLogger(project="gradguard-test", save_dir=str(tmp_path), offline=True)
+    try:
+        trainer(tmp_path, [guard_cb], logger=logger).fit(module, loader())
+    finally:
+        wandb.finish()  # Lightning leaves the run open; W&B writes the rest of the file now
+    (run_dir,) = run_dirs(tmp_path)
+    history = [h for h in wandb_history(run_dir) if "guard/grad_norm" in h]
+    steps = [r for r in guard_cb.guard.records if r["kind"] == "step"]
+    assert [h["trainer/global_step"] for h in history] == [r["step"] for r in steps]
+    for h, r in zip(history, steps):
+        got, want = float(h["guard/grad_norm"]), r["grad_norm"]
+        assert got == want or (math.isnan(got) and math.isnan(want))
+    assert [float(h["guard/skipped"]) for h in history][-1] == len(SKIPPED)
+    assert any(k.startswith("guard/layer/") for k in history[0])

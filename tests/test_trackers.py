@@ -7,11 +7,8 @@ with ``MlflowClient``). The rows are the same rows the JSONL/CSV/TensorBoard tes
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ import torch
 
 from gradguard.records import SCHEMA_VERSION, Recorder
 from gradguard.sinks import JsonlSink, MlflowSink, WandbSink, metrics, read_jsonl
+from tests._wandb import offline_env, wandb_history
 from tests.test_records import same, sample_rows, write_all
 
 wandb = pytest.importorskip("wandb")
@@ -28,83 +26,8 @@ mlflow = pytest.importorskip("mlflow")
 
 @pytest.fixture
 def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """W&B fully offline, everything under tmp_path (no login, no network, no home config)."""
-    for key, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-        "WANDB_DISABLE_GIT": "true",
-        "WANDB_CONSOLE": "off",
-    }.items():
-        monkeypatch.setenv(key, value)
+    offline_env(monkeypatch, tmp_path)
     return tmp_path
-
-
-# ---- reading an offline W&B run: the .wandb file is a LevelDB-style log of protobuf records ----
-
-_BLOCK = 32768  # the log's block size; a record header never straddles a block
-_HEADER = struct.Struct("<IHB")  # crc32, length, type (1 full, 2 first, 3 middle, 4 last)
-
-
-def wandb_records(path: Path) -> list[Any]:
-    """Every protobuf ``Record`` in an offline run's ``run-<id>.wandb`` file."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", "not a W&B run file"
-    pos, out, parts = 7, [], b""  # 7: ident ":W&B", magic (2 bytes), version (1 byte)
-    while pos + _HEADER.size <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < _HEADER.size:  # zero padding at the end of a block
-            pos += left
-            continue
-        _, length, kind = _HEADER.unpack_from(data, pos)
-        if kind == 0:  # padding up to the end of the block
-            pos += left
-            continue
-        start = pos + _HEADER.size
-        parts += data[start : start + length]
-        pos = start + length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(parts)
-            out.append(record)
-            parts = b""
-    return out
-
-
-def finished_records(run_dir: Path) -> list[Any]:
-    """The run's records once W&B has written all of them.
-
-    ``run.finish()`` returns before W&B's service process has written the last records to the
-    file; the run is complete when its ``exit`` record is there. The deadline is a hang guard.
-    """
-    (file,) = run_dir.glob("run-*.wandb")
-    deadline = time.monotonic() + 120
-    while True:
-        records = wandb_records(file)
-        if any(r.WhichOneof("record_type") == "exit" for r in records):
-            return records
-        assert time.monotonic() < deadline, f"{file} never got its exit record"
-        time.sleep(0.05)
-
-
-def wandb_history(run_dir: Path) -> list[dict[str, Any]]:
-    """The history rows (``run.log`` calls) of an offline run folder, values decoded."""
-    rows = []
-    for record in finished_records(run_dir):
-        if record.WhichOneof("record_type") == "history":
-            rows.append(
-                {
-                    (item.key or "/".join(item.nested_key)): json.loads(item.value_json)
-                    for item in record.history.item
-                    if not (item.key or "/".join(item.nested_key)).startswith("_")
-                }
-            )
-    return rows
 
 
 def _num(v: Any) -> float:
