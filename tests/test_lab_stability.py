@@ -43,22 +43,28 @@ def test_spike_score_starts_scoring_after_min_window():
 
 def test_recovery_steps_on_hand_made_curves():
     pos = list(range(10))
-    # baseline of [3, 2]: 2.5 + 0.5; from step 3 the 5-step means are 3.8, 2.4: recovered at 4
-    assert recovery_steps([3, 2, 9, 9, 4, 2, 2, 2, 2, 2], pos, (2, 2)) == 1
-    # unaffected: the step right after the fault is already back
-    assert recovery_steps([2.0] * 10, pos, (5, 5)) == 0
-    # never back: the loss stays high (or non-finite)
-    assert recovery_steps([2, 2, 2, 9, 9, 9, 9, 9, 9, 9], pos, (3, 3)) is None
-    assert recovery_steps([2, 2, 2, 9, *([math.nan] * 6)], pos, (3, 3)) is None
+    twin = [3.0, 2.0] + [2.0] * 8
+    # from step 3 the 5-step means are 3.8, 2.5, 2.0 against the twin's 2.0 (+10%): back at 5
+    assert recovery_steps([3, 2, 9, 9, 4, 2, 2, 2, 2, 2], pos, (2, 2), twin) == 2
+    # unaffected (the fault was skipped): back at once
+    assert recovery_steps(twin, pos, (5, 5), twin) == 0
+    # within 10% of the twin counts as back; 12% above does not
+    assert recovery_steps([2.0] * 5 + [2.2] * 5, pos, (4, 4), [2.0] * 10) == 0
+    assert recovery_steps([2.0] * 5 + [2.24] * 5, pos, (4, 4), [2.0] * 10) is None
+    # a stall (poisoned Adam moments): the loss never falls with the twin's
+    falling = [2.0 - 0.1 * i for i in range(10)]
+    assert recovery_steps([2.0] * 10, pos, (2, 2), falling) is None
+    # non-finite after the fault: never
+    assert recovery_steps([2, 2, 2, 9, *([math.nan] * 6)], pos, (3, 3), [2.0] * 10) is None
     # the fault never reached (a rollback skipped it): no recovery to measure
-    assert recovery_steps([2.0] * 5, [0, 1, 2, 6, 7], (3, 5)) is None
+    assert recovery_steps([2.0] * 5, [0, 1, 2, 6, 7], (3, 5), [2.0] * 5) is None
 
 
 def test_recovery_waits_for_a_replayed_fault():
     # a rollback replays positions 3..4: position 4 is seen twice
     losses = [2.0, 2.0, 2.0, 2.0, 50.0, 2.0, 50.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
     positions = [0, 1, 2, 3, 4, 3, 4, 5, 6, 7, 8, 9, 10]
-    assert recovery_steps(losses, positions, (4, 4)) == 0  # counted from the last hit (step 6)
+    assert recovery_steps(losses, positions, (4, 4), [2.0] * 13) == 0  # from the last hit
 
 
 def test_lr_sensitivity_median_and_spread():
@@ -129,6 +135,14 @@ def test_every_method_runs_on_every_scenario_it_applies_to():
             assert 0.0 <= r.spike_score <= 1.0
 
 
+def test_faulted_runs_are_measured_against_a_clean_twin():
+    r = stability.run_one("S4", "none", steps=12)  # the x1e3 targets at position 2
+    assert len(r.recovery) == 2 and r.recovery[1] is None  # the late fault is beyond 12 steps
+    assert math.isfinite(r.fault_cost)
+    clean = stability.run_one("S6", "none", steps=4)
+    assert clean.recovery == [] and math.isnan(clean.fault_cost)
+
+
 def test_an_abort_is_a_stopped_diverged_run(monkeypatch):
     from gradguard import GuardConfig
 
@@ -138,7 +152,7 @@ def test_an_abort_is_a_stopped_diverged_run(monkeypatch):
         guard_method("abort on NaN", lambda: GuardConfig(responses={"nonfinite": ("abort",)})),
     )
     r = stability.run_one("S5", "abort-on-nan", steps=80)  # the NaN window starts at 75
-    assert r.stopped.startswith("GuardAbort") and r.diverged
+    assert r.stopped.startswith("GuardAbort") and r.diverged and r.score == math.inf
     assert r.steps == 76  # the aborted step is the last one counted
     assert issubclass(Stopped, Exception)
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 SPIKE_K = 3.0  # a spike: loss above the rolling mean by this many rolling standard deviations
 SPIKE_WINDOW = 20  # the rolling window (valid steps before the one scored)
 SPIKE_MIN = 10  # scoring starts once this many valid steps are in the window
-RECOVER_AHEAD = 5  # recovery compares the mean of this many steps ahead with the baseline
+RECOVER_AHEAD = 5  # recovery compares the mean loss over this many steps with the clean twin's
+RECOVER_TOL = 0.1  # ... and calls it recovered within 10% of it
 
 
 def spike_score(
@@ -57,41 +58,41 @@ def recovery_steps(
     losses: Sequence[float],
     positions: Sequence[int],
     fault: tuple[int, int],
+    reference: Sequence[float],
     *,
-    window: int = SPIKE_WINDOW,
     ahead: int = RECOVER_AHEAD,
+    tolerance: float = RECOVER_TOL,
 ) -> int | None:
-    """Steps after a fault window until the loss is back at its pre-fault level.
+    """Steps after a fault until the loss is back with the run that never saw it.
 
-    Baseline: mean and standard deviation of the last ``window`` finite losses before the first
-    step that saw the fault (the loss at step 0 if the fault came first). Recovered: the first
-    step ``t`` after the last step that saw a fault batch whose mean loss over ``t .. t+ahead-1``
-    (finite values; any non-finite one fails the step) is at most ``baseline + std``.
+    ``reference`` is the clean twin: the same method, seed and batches with the faults left out.
+    Recovered: the first step ``t`` after the last step that consumed a fault batch whose mean
+    loss over ``t .. t+ahead-1`` is finite and at most ``(1 + tolerance)`` times the twin's over
+    the same steps (no fault batch replayed among them). A method that skipped the fault is back
+    at once; one whose statistics or moments the fault poisoned stays above its twin.
 
     Returns:
-        ``t - (last fault step + 1)`` (0: the very next step was already fine), or ``None``
+        ``t - (last fault step + 1)`` (0: the very next steps were already back), or ``None``
         when the run never recovered (or never reached the fault).
 
     Example:
-        >>> recovery_steps([3, 2, 9, 9, 4, 2, 2, 2, 2, 2], list(range(10)), (2, 2))
-        1
+        >>> twin = [3, 2, 2, 2, 2, 2, 2, 2]
+        >>> recovery_steps([3, 2, 9, 9, 4, 2, 2, 2], list(range(8)), (2, 2), twin)
+        2
     """
     first, last = fault
     hits = [i for i, p in enumerate(positions) if first <= p <= last]
     if not hits:
         return None
-    before = [x for x in losses[: hits[0]] if math.isfinite(x)][-window:]
-    if not before:
-        before = [losses[0]] if math.isfinite(losses[0]) else []
-    if not before:
-        return None
-    level = statistics.fmean(before) + statistics.pstdev(before)
     end = hits[-1] + 1
-    for t in range(end, len(losses)):
-        ahead_vals = losses[t : t + ahead]
+    for t in range(end, min(len(losses), len(reference))):
         if any(first <= p <= last for p in positions[t : t + ahead]):
             continue  # a replayed fault ahead (after a rollback): not recovered yet
-        if all(math.isfinite(x) for x in ahead_vals) and statistics.fmean(ahead_vals) <= level:
+        n = min(ahead, len(losses) - t, len(reference) - t)
+        mine, ref = losses[t : t + n], reference[t : t + n]
+        if not all(math.isfinite(x) for x in (*mine, *ref)):
+            continue
+        if statistics.fmean(mine) <= (1.0 + tolerance) * statistics.fmean(ref):
             return t - end
     return None
 

@@ -44,6 +44,7 @@ from gradguard.lab._methods import (
 )
 from gradguard.lab._metrics import (
     RECOVER_AHEAD,
+    RECOVER_TOL,
     SPIKE_K,
     SPIKE_MIN,
     SPIKE_WINDOW,
@@ -76,7 +77,9 @@ class RunResult:
         clips, skips, rollbacks: what the method did (``clips`` is ``None`` where the method
             clips inside its own optimizer and does not say).
         spike_score: :func:`~gradguard.lab._metrics.spike_score` of the training loss.
-        recovery: steps to recover after each injected fault (``None``: never).
+        recovery: steps to recover after each injected fault (``None``: never), against the
+            clean twin (:func:`~gradguard.lab._metrics.recovery_steps`).
+        fault_cost: final loss minus the clean twin's (``nan`` without faults).
         ms_per_step: median wall time of forward + backward + the method's step.
         losses, positions: the training-loss curve and the data position of each step.
     """
@@ -95,6 +98,7 @@ class RunResult:
     rollbacks: int
     spike_score: float
     recovery: list[int | None]
+    fault_cost: float
     ms_per_step: float
     losses: list[float] = field(repr=False)
     positions: list[int] = field(repr=False)
@@ -106,12 +110,62 @@ class RunResult:
         d.pop("positions")
         return d
 
+    @property
+    def score(self) -> float:
+        """The headline number: the final loss, ``inf`` for a stopped or non-finite run."""
+        return math.inf if self.stopped or not math.isfinite(self.final_loss) else self.final_loss
+
 
 def build_problem(scenario: str, seed: int, quick: bool = True, lr: float | None = None) -> Problem:
     """The problem of ``scenario`` for ``seed`` (its default LR unless ``lr`` is given)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
     return SCENARIOS[scenario].build(seed, quick, lr)
+
+
+@dataclass
+class _Trace:
+    losses: list[float]
+    positions: list[int]
+    times: list[float]
+    counts: dict[str, int]
+    stopped: str
+    initial: float
+    final: float
+
+
+def _train(problem: Problem, method: str, seed: int) -> _Trace:
+    spec = METHODS[method]
+    model = problem.model
+    initial = problem.heldout(model)
+    torch.manual_seed(seed)
+    stepper = spec.build(model, problem)
+    trace = _Trace([], [], [], {CLIP: 0, SKIP: 0, ROLLBACK: 0}, "", initial, math.nan)
+    params = list(model.parameters())
+    for _ in range(problem.steps):
+        position = stepper.position
+        batch = problem.batch(position)
+        t0 = time.perf_counter()
+        loss = problem.loss(model, batch)
+        loss.backward()
+        action = ""
+        try:
+            action = stepper.step(loss)
+        except Stopped as e:
+            trace.stopped = str(e).splitlines()[0][:200]
+        except (RuntimeError, ValueError, ZeroDivisionError, OverflowError) as e:
+            trace.stopped = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        trace.times.append(time.perf_counter() - t0)
+        for p in params:
+            p.grad = None
+        trace.losses.append(float(loss.detach()))
+        trace.positions.append(position)
+        if trace.stopped:
+            break
+        trace.counts[action] = trace.counts.get(action, 0) + 1
+    final = problem.heldout(model)
+    trace.final = final if math.isfinite(final) else math.nan
+    return trace
 
 
 def run_one(
@@ -125,10 +179,13 @@ def run_one(
 ) -> RunResult:
     """Train ``method`` on ``scenario`` once; seconds on one CPU thread.
 
+    Where the scenario injects faults, a clean twin (same method, seed and batches, no faults)
+    runs too: recovery and fault cost are measured against it.
+
     Args:
         scenario: ``"S1"`` ... ``"S7"``.
         method: a key of :data:`METHODS`.
-        seed: the seed (model init, data order, faults are at fixed positions).
+        seed: the seed (model init, data order; faults are at fixed positions).
         quick: the quick setting's run length.
         lr: override the scenario's learning rate (the S3 sweep passes each of its LRs).
         steps: override the run length (tests use a few steps).
@@ -146,59 +203,37 @@ def run_one(
     spec = METHODS[method]
     if spec.replaces_optimizer and problem.optimizer != "adamw":
         raise ValueError(f"{method} replaces AdamW; {scenario} trains with {problem.optimizer}")
-    model = problem.model
-    initial = problem.heldout(model)
-    torch.manual_seed(seed)
-    stepper = spec.build(model, problem)
-    losses: list[float] = []
-    positions: list[int] = []
-    times: list[float] = []
-    counts = {CLIP: 0, SKIP: 0, ROLLBACK: 0}
-    stopped = ""
-    params = [p for p in model.parameters()]
-    for _ in range(problem.steps):
-        position = stepper.position
-        batch = problem.batch(position)
-        t0 = time.perf_counter()
-        loss = problem.loss(model, batch)
-        loss.backward()
-        try:
-            action = stepper.step(loss)
-        except Stopped as e:
-            stopped = str(e).splitlines()[0][:200]
-        except (RuntimeError, ValueError, ZeroDivisionError, OverflowError) as e:
-            stopped = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        times.append(time.perf_counter() - t0)
-        for p in params:
-            p.grad = None
-        losses.append(float(loss.detach()))
-        positions.append(position)
-        if stopped:
-            break
-        counts[action] = counts.get(action, 0) + 1
-    final = problem.heldout(model)
-    final = final if math.isfinite(final) else math.nan
-    diverged = bool(stopped) or not math.isfinite(final) or final > initial
+    run = _train(problem, method, seed)
+    recovery: list[int | None] = []
+    fault_cost = math.nan
+    if problem.faults and problem.clean_batch is not None:
+        twin = build_problem(scenario, seed, quick, lr)
+        twin.steps, twin.batch, twin.faults = problem.steps, problem.clean_batch, ()
+        ref = _train(twin, method, seed)
+        recovery = [
+            recovery_steps(run.losses, run.positions, f, ref.losses) for f in problem.faults
+        ]
+        fault_cost = run.final - ref.final
     faulty = problem.fault_positions()
-    excluded = [p in faulty for p in positions]
     return RunResult(
         scenario=scenario,
         method=method,
         seed=seed,
         lr=problem.lr,
-        initial_loss=initial,
-        final_loss=final,
-        diverged=diverged,
-        stopped=stopped,
-        steps=len(losses),
-        clips=None if spec.replaces_optimizer else counts[CLIP],
-        skips=counts[SKIP],
-        rollbacks=counts[ROLLBACK],
-        spike_score=spike_score(losses, excluded),
-        recovery=[recovery_steps(losses, positions, f) for f in problem.faults],
-        ms_per_step=1000 * statistics.median(times) if times else math.nan,
-        losses=losses,
-        positions=positions,
+        initial_loss=run.initial,
+        final_loss=run.final,
+        diverged=bool(run.stopped) or not math.isfinite(run.final) or run.final > run.initial,
+        stopped=run.stopped,
+        steps=len(run.losses),
+        clips=None if spec.replaces_optimizer else run.counts[CLIP],
+        skips=run.counts[SKIP],
+        rollbacks=run.counts[ROLLBACK],
+        spike_score=spike_score(run.losses, [p in faulty for p in run.positions]),
+        recovery=recovery,
+        fault_cost=fault_cost,
+        ms_per_step=1000 * statistics.median(run.times) if run.times else math.nan,
+        losses=run.losses,
+        positions=run.positions,
     )
 
 
@@ -223,6 +258,7 @@ class Cell:
     diverged: float  # fraction of runs
     spike: float
     recovery: float | None  # median over seeds of the worst fault's recovery (inf: never)
+    fault_cost: float | None  # median over seeds of final - clean twin's final
     clip_rate: float | None
     skips: float
     rollbacks: float
@@ -255,16 +291,21 @@ class StabilityResult:
         by_seed = {s: [r for r in runs if r.seed == s] for s in seeds}
         if len(SCENARIOS[scenario].settings(self.quick)) > 1:
             score = [
-                lr_sensitivity([r.final_loss for r in rs], [r.initial_loss for r in rs])
+                lr_sensitivity([r.score for r in rs], [r.initial_loss for r in rs])
                 for rs in by_seed.values()
             ]
         else:
-            score = [rs[0].final_loss for rs in by_seed.values()]
+            score = [rs[0].score for rs in by_seed.values()]
         worst: list[float] = []
         for r in runs:
             if r.recovery:
                 worst.append(max(math.inf if v is None else v for v in r.recovery))
         clips = [r.clips / max(1, r.steps) for r in runs if r.clips is not None]
+        costs = [
+            math.inf if r.stopped else r.fault_cost
+            for r in runs
+            if r.recovery or (r.stopped and SCENARIOS[scenario].faulty)
+        ]
         return Cell(
             scenario=scenario,
             method=method,
@@ -272,6 +313,7 @@ class StabilityResult:
             diverged=statistics.fmean(r.diverged for r in runs),
             spike=statistics.median(r.spike_score for r in runs),
             recovery=statistics.median(worst) if worst else None,
+            fault_cost=median(costs) if costs else None,
             clip_rate=statistics.median(clips) if clips else None,
             skips=statistics.median(r.skips for r in runs),
             rollbacks=statistics.median(r.rollbacks for r in runs),
@@ -374,7 +416,7 @@ def run_stability(
 
 COLUMNS = [
     "method", "final loss (median)", "seeds", "diverged", "spike score", "recover (steps)",
-    "clip rate", "skips", "rollbacks", "ms/step",
+    "fault cost", "clip rate", "skips", "rollbacks", "ms/step",
 ]  # fmt: skip
 
 
@@ -405,6 +447,7 @@ def scenario_rows(result: StabilityResult, scenario: str) -> list[list[str]]:
                 f"{c.diverged:.0%}",
                 f"{c.spike:.3f}",
                 _num(c.recovery),
+                _num(c.fault_cost, 3),
                 "internal" if c.clip_rate is None else f"{c.clip_rate:.0%}",
                 _num(c.skips),
                 _num(c.rollbacks),
@@ -501,6 +544,7 @@ def summary_rows(result: StabilityResult) -> list[list[str]]:
                 _num(c.median) if (c := result.cell(s, "clip-1")) else "-",
                 verdict,
                 _spike_verdict(result, s),
+                clean_check(result, s),
             ]
         )
     return rows
@@ -512,20 +556,56 @@ def _spike_verdict(result: StabilityResult, scenario: str) -> str:
     if mine is None:
         return "-"
     lowest = min(c.spike for c in cells)
-    better = sorted({c.method for c in cells if c.spike < mine.spike})
-    if not better:
-        tie = [c.method for c in cells if c.spike == mine.spike and c.method != DEFAULTS]
-        return f"{mine.spike:.3f}: lowest" + (f" (tied with {len(tie)})" if tie else "")
+    if mine.spike <= lowest:
+        return f"{mine.spike:.3f}, lowest"
+    best = sorted(c.method for c in cells if c.spike == lowest)
+    more = f" +{len(best) - 1}" if len(best) > 1 else ""
+    return f"{mine.spike:.3f} vs {lowest:.3f} ({best[0]}{more})"
+
+
+def clean_check(result: StabilityResult, scenario: str, method: str = DEFAULTS) -> str:
+    """On a fault-free scenario (S6, S7): no skips or rollbacks, and a final loss no worse than
+    no clipping beyond noise (no clipping's seed spread, at least 1%); the clip rate."""
+    if not SCENARIOS[scenario].clean:
+        return "-"
+    mine, none = result.cell(scenario, method), result.cell(scenario, "none")
+    if mine is None or none is None:
+        return "-"
+    noise = max(spread(none.score), NOISE_FLOOR * abs(none.median))
+    worse = mine.median - none.median
+    ok = mine.skips == 0 and mine.rollbacks == 0 and worse <= noise
+    rate = "internal" if mine.clip_rate is None else f"{mine.clip_rate:.0%}"
     return (
-        f"{mine.spike:.3f}: beaten by {', '.join(better[:4])}"
-        + (f" +{len(better) - 4}" if len(better) > 4 else "")
-        + f" (lowest {lowest:.3f})"
+        f"{'ok' if ok else 'FAILS'}: skips {_num(mine.skips)}, rollbacks {_num(mine.rollbacks)}, "
+        f"clip rate {rate}, {worse:+.3g} vs none (noise {noise:.2g})"
     )
+
+
+def _why(result: StabilityResult, scenario: str) -> str:
+    """What the defaults did against what the winner did, in numbers (the closing note)."""
+    mine = result.cell(scenario, DEFAULTS)
+    cells = [c for c in (result.cell(scenario, m) for m in result.methods) if c is not None]
+    if mine is None or not cells:
+        return ""
+    best = min(cells, key=lambda c: c.median)
+
+    def did(c: Cell) -> str:
+        rate = "internal clipping" if c.clip_rate is None else f"clip rate {c.clip_rate:.0%}"
+        return (
+            f"{rate}, {_num(c.skips)} skips, {_num(c.rollbacks)} rollbacks, "
+            f"{c.diverged:.0%} diverged"
+        )
+
+    stops = sorted({r.stopped for r in result.runs_of(scenario, DEFAULTS) if r.stopped})
+    text = f"defaults: {did(mine)}; {best.method}: {did(best)}"
+    if stops:
+        text += f"; the defaults stopped: {stops[0]}"
+    return text
 
 
 SUMMARY_COLUMNS = [
     "scenario", "metric", "best method (median)", "gradguard defaults", "gradguard best",
-    "torch clip 1.0", "defaults vs best", "defaults' spike score",
+    "torch clip 1.0", "defaults vs best", "defaults' spike score", "clean-run check",
 ]  # fmt: skip
 
 
@@ -545,7 +625,7 @@ def to_markdown(result: StabilityResult, command: str) -> str:
         "## Definitions",
         "",
         "* **final loss**: held-out loss at the end (fixed held-out batches, no faults); a "
-        "non-finite one ranks last. Medians over seeds; per-seed values are listed.",
+        "non-finite one ranks last (`never`). Medians over seeds; per-seed values are listed.",
         "* **LR sensitivity** (S3): per seed, mean over the swept LRs of min(final loss, "
         "initial loss) (Wortsman et al. 2023, arXiv 2309.14322); then the median over seeds.",
         "* **diverged**: the method stopped the run (gradguard's abort, a peer that raised), or "
@@ -554,13 +634,20 @@ def to_markdown(result: StabilityResult, command: str) -> str:
         f"rolling mean by k = {SPIKE_K:g} rolling standard deviations, over the previous "
         f"{SPIKE_WINDOW} valid steps (scored once {SPIKE_MIN} are in); steps that consumed an "
         "injected fault batch are left out (their loss is the data's).",
-        f"* **recover**: steps after a fault until the mean loss over the next {RECOVER_AHEAD} "
-        f"steps is back at the pre-fault mean + 1 std (of the last {SPIKE_WINDOW} losses before "
-        "the fault); the worst of a run's faults, median over seeds; `never` if it did not.",
+        "* **recover** (S4, S5): every faulted run has a clean twin (same method, seed and "
+        "batches, faults left out); recovery is the number of steps after the fault until the "
+        f"mean training loss over the next {RECOVER_AHEAD} steps is within "
+        f"{RECOVER_TOL:.0%} of the twin's over the same steps; the worst of a run's faults, "
+        "median over seeds; `never` if it did not. **fault cost**: final loss minus the twin's "
+        "(`never`: the run stopped).",
+        "* A run the method **stopped** (gradguard's abort) counts as `never` in the final loss "
+        "(the user gets no finished run); its weights' loss is still in `stability-runs.json`.",
         "* **clip rate**: fraction of steps whose gradients the method shrank (`internal`: the "
         "optimizer clips inside and does not say); **skips / rollbacks**: medians per run.",
         "* **ms/step**: median wall time of forward + backward + the method's step (a shared "
         "machine: compare within a table, not across runs).",
+        "* **clean-run check** (S6, S7): no skips or rollbacks, and a final loss at most no "
+        "clipping's plus its seed spread (at least 1%).",
         "* **within noise**: gradguard's defaults' median is at most the best method's median "
         f"plus the best's seed spread (max - min over seeds), that spread at least "
         f"{NOISE_FLOOR:.0%} of the best's median.",
@@ -613,14 +700,32 @@ def _lr_table(result: StabilityResult, scenario: str) -> list[str]:
 
 
 def _closing(result: StabilityResult) -> str:
+    """The verdict against the issue's goal, with what the defaults did where they lose."""
     losses = [s for s in result.scenarios if not result.verdict(s)[1]]
-    if not losses:
-        return (
+    clean = [s for s in result.scenarios if clean_check(result, s).startswith("FAILS")]
+    spiky = [s for s in result.scenarios if not _spike_verdict(result, s).endswith("lowest")]
+    if not losses and not clean:
+        head = (
             "**Goal met on the headline metric**: gradguard's defaults are best or within noise "
             "of the best on every scenario run."
         )
-    parts = [f"{s} ({result.verdict(s)[0]})" for s in losses]
-    return "**Goal not met.** gradguard's defaults lose beyond noise on: " + "; ".join(parts) + "."
+    else:
+        parts = [f"{s} ({result.verdict(s)[0]})" for s in losses]
+        parts += [f"{s} clean-run check ({clean_check(result, s)})" for s in clean]
+        head = "**Goal not met.** gradguard's defaults lose on: " + "; ".join(parts) + "."
+    lines = [head]
+    if spiky:
+        lines.append(
+            "Spike score not the lowest on: "
+            + "; ".join(f"{s} ({_spike_verdict(result, s)})" for s in spiky)
+            + "."
+        )
+    if losses:
+        lines.append("")
+        lines.append("Where they lose, what each did (medians per run):")
+        lines.append("")
+        lines += [f"* {s}: {_why(result, s)}" for s in losses]
+    return "\n".join(lines)
 
 
 def run(
@@ -664,6 +769,6 @@ def run(
         columns=SUMMARY_COLUMNS,
         rows=summary_rows(result),
         passed=passed,
-        summary=_closing(result),
+        summary=_closing(result).splitlines()[0],
         figures=figures,
     )
