@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import re
+import traceback
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -123,17 +124,20 @@ def test_every_code_block_runs(
     if not todo:
         pytest.skip(f"docs/{page}: every code block is marked or tested elsewhere")
     scope = fixture_namespace(tmp_path)
-    try:
-        for block in todo:
-            try:
-                exec(compile(block.code, block.where, "exec"), scope)
-            except Exception as e:
-                raise AssertionError(f"{block.where} failed: {type(e).__name__}: {e}") from e
-    finally:
-        capsys.readouterr()
-        scope.clear()
-        # A file a snippet left open warns (an error here) in this page's test, not a later one.
-        gc.collect()
+    failure = None
+    for block in todo:
+        try:
+            exec(compile(block.code, block.where, "exec"), scope)
+        except Exception as e:
+            # kept as text: the traceback would keep the page's objects (open files) alive
+            failure = f"{block.where} failed:\n" + "".join(traceback.format_exception(e))
+            break
+    capsys.readouterr()
+    scope.clear()
+    # A file a snippet left open warns (an error here) in this page's test, not a later one.
+    gc.collect()
+    if failure:
+        pytest.fail(failure)
 
 
 def test_markers_are_complete() -> None:
@@ -226,3 +230,36 @@ def test_api_reference_reads_our_docstring_dialect() -> None:
     assert (
         '<autoref identifier="gradguard.guard.Guard" optional><code>Guard</code></autoref>' in out
     )
+
+
+# Modules whose public docstrings do not yet say everything the API reference should (args,
+# returns, raises, an example). Their owners are rewriting them; remove a module from here
+# when it is complete; the test below fails until then, and again if a listed one is done.
+NOT_YET_COMPLETE = {
+    "src/gradguard/agc.py",
+    "src/gradguard/buffer.py",
+    "src/gradguard/clip.py",
+    "src/gradguard/detect.py",
+    "src/gradguard/guard.py",
+    "src/gradguard/incident.py",
+    "src/gradguard/norms.py",
+    "src/gradguard/policies.py",
+    "src/gradguard/probe.py",
+    "src/gradguard/replay.py",
+    "src/gradguard/response.py",
+    "src/gradguard/rollback.py",
+    "src/gradguard/trace.py",
+}
+
+
+def test_public_docstrings_say_what_the_api_reference_needs() -> None:
+    pytest.importorskip("griffe")
+    from tests._docstrings import problems
+
+    found = problems()
+    news = {f: p for f, p in found.items() if f not in NOT_YET_COMPLETE}
+    assert not news, "incomplete public docstrings:\n" + "\n".join(
+        f"{f}:\n  " + "\n  ".join(p) for f, p in news.items()
+    )
+    done = sorted(NOT_YET_COMPLETE - found.keys())
+    assert not done, f"complete now, remove from NOT_YET_COMPLETE: {done}"

@@ -41,9 +41,13 @@ Row = dict[str, Any]
 class Sink(Protocol):
     """Where flushed rows go. ``write`` receives host rows in step order."""
 
-    def write(self, rows: list[Row]) -> None: ...
+    def write(self, rows: list[Row]) -> None:
+        """Take one flush's rows (host values, step order); called once per flush."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release what the sink holds (files, runs); called once, by ``Recorder.close``."""
+        ...
 
 
 def _gather(pending: list[Row]) -> list[Row]:
@@ -96,7 +100,18 @@ class Recorder:
         self._pending_steps: set[int] = set()
 
     def log(self, step: int, kind: str = "step", **values: Any) -> None:
-        """Queue one row; tensors stay on the device until the next flush."""
+        """Queue one row; tensors stay on the device until the next flush.
+
+        Args:
+            step: the optimizer step the row belongs to.
+            kind: the row's kind (``"step"``, ``"action"``, ``"probe"``, ...; see the module).
+            **values: the row's values: 0-dim tensors on any device, numbers, strings, bools,
+                ``None``, or one level of dicts of these (copied, so later changes to the
+                caller's dict do not reach the row).
+
+        Example:
+            >>> rec.log(12, loss=loss.detach(), layers={"fc1": norm})
+        """
         row: Row = {"v": SCHEMA_VERSION, "kind": kind, "step": int(step)}
         for key, value in values.items():
             row[key] = dict(value) if isinstance(value, dict) else value
@@ -106,12 +121,25 @@ class Recorder:
             self.flush()
 
     def event(self, step: int, kind: str, **values: Any) -> None:
-        """Queue a row and flush now: for rare events (actions, incidents) worth seeing at once."""
+        """Queue a row and flush now: for rare events (actions, incidents) worth seeing at once.
+
+        Args:
+            step: the optimizer step the row belongs to.
+            kind: the row's kind, e.g. ``"action"``.
+            **values: as for :meth:`log`.
+
+        Example:
+            >>> rec.event(12, "action", action="skip", reason="nonfinite")
+        """
         self.log(step, kind, **values)
         self.flush()
 
     def flush(self) -> list[Row]:
-        """Move queued rows to the host, hand them to every sink and return them."""
+        """Move queued rows to the host, hand them to every sink and return them.
+
+        Returns:
+            The rows just flushed, as host values (``[]`` when nothing was queued).
+        """
         if not self._pending:
             return []
         rows = _gather(self._pending)
@@ -124,17 +152,30 @@ class Recorder:
         return rows
 
     def close(self) -> None:
+        """Flush, then close every sink."""
         self.flush()
         for sink in self.sinks:
             sink.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Flushed rows and settings (pending rows are flushed first so nothing is lost)."""
+        """Flushed rows and settings (pending rows are flushed first so nothing is lost).
+
+        Returns:
+            ``{"flush_every": int, "keep": bool, "rows": list}``.
+        """
         self.flush()
         return {"flush_every": self.flush_every, "keep": self.keep, "rows": list(self.rows)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; a malformed state raises and changes nothing."""
+        """Restore from :meth:`state_dict`; a malformed state raises and changes nothing.
+
+        Args:
+            state: a dict from :meth:`state_dict`.
+
+        Raises:
+            ValueError: keys are missing or ``flush_every`` is not an int >= 1.
+            TypeError: ``keep`` is not a bool or ``rows`` not a list of dicts.
+        """
         if not isinstance(state, dict) or not {"flush_every", "keep", "rows"} <= state.keys():
             raise ValueError("state must be a dict with the keys flush_every, keep and rows")
         flush_every, keep, rows = state["flush_every"], state["keep"], state["rows"]

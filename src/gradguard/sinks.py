@@ -82,6 +82,14 @@ class JsonlSink:
         self._file: IO[str] | None = self.path.open("a" if append else "w", encoding="utf-8")
 
     def write(self, rows: list[Row]) -> None:
+        """Append the rows, one JSON line each, and flush the file.
+
+        Args:
+            rows: host rows.
+
+        Raises:
+            ValueError: the sink is closed.
+        """
         if self._file is None:
             raise ValueError(f"JsonlSink({str(self.path)!r}) is closed")
         for row in rows:
@@ -89,6 +97,7 @@ class JsonlSink:
         self._file.flush()
 
     def close(self) -> None:
+        """Close the file; later writes raise."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -214,6 +223,14 @@ class CsvSink:
     Args:
         path: the file; parent folders are created.
         append: continue an existing file (resuming a run), keeping its columns.
+
+    Raises:
+        TypeError: ``path`` is not a path or ``append`` not a bool.
+        ValueError: ``append=True`` on a file whose header is not a records header.
+
+    Example:
+        >>> rec = Recorder([CsvSink("run.csv")]); ...; rec.close()
+        >>> read_csv("run.csv")[0]["layers"]["fc1"]
     """
 
     def __init__(self, path: str | os.PathLike[str], append: bool = False) -> None:
@@ -236,6 +253,14 @@ class CsvSink:
             csv.writer(f).writerow(self.columns)
 
     def write(self, rows: list[Row]) -> None:
+        """Append one CSV row per record, widening the header first if new keys came.
+
+        Args:
+            rows: host rows.
+
+        Raises:
+            ValueError: the sink is closed.
+        """
         if self._closed:
             raise ValueError(f"CsvSink({str(self.path)!r}) is closed")
         flat = [_flatten(r) for r in rows]
@@ -260,11 +285,24 @@ class CsvSink:
         os.replace(tmp, self.path)
 
     def close(self) -> None:
+        """Mark the sink closed (every write closes its file); later writes raise."""
         self._closed = True
 
 
 def read_csv(path: str | os.PathLike[str]) -> list[Row]:
     """Rows written by :class:`CsvSink`, with ``key/<name>`` columns folded back into dicts.
+
+    Cells are parsed back as bools, ints, floats (``nan``/``inf`` included) or strings; empty
+    cells are left out of the row.
+
+    Args:
+        path: the CSV file.
+
+    Returns:
+        The rows, in file order.
+
+    Raises:
+        ValueError: the file lacks the ``v``, ``kind`` and ``step`` columns.
 
     Example:
         >>> read_csv("run.csv")[0]["layers"]["fc1"]
@@ -408,7 +446,14 @@ class TensorBoardSink:
         self._writer: Any = SummaryWriter(log_dir=str(self.logdir), flush_secs=flush_secs)
 
     def write(self, rows: list[Row]) -> None:
-        """Add every row's scalars and text at the row's step, then flush."""
+        """Add every row's scalars and text at the row's step, then flush.
+
+        Args:
+            rows: host rows.
+
+        Raises:
+            ValueError: the sink is closed.
+        """
         if self._writer is None:
             raise ValueError(f"TensorBoardSink({str(self.logdir)!r}) is closed")
         w = self._writer
@@ -481,7 +526,14 @@ class WandbSink:
         self._closed = False
 
     def write(self, rows: list[Row]) -> None:
-        """Log each row's metrics (one history entry per row) and append its events."""
+        """Log each row's metrics (one history entry per row) and append its events.
+
+        Args:
+            rows: host rows.
+
+        Raises:
+            ValueError: the sink is closed.
+        """
         if self._closed:
             raise ValueError("WandbSink is closed")
         for row in rows:
@@ -563,7 +615,14 @@ class MlflowSink:
         self._closed = False
 
     def write(self, rows: list[Row]) -> None:
-        """Log every row's metrics in batches and rewrite the events artifact if events came."""
+        """Log every row's metrics in batches and rewrite the events artifact if events came.
+
+        Args:
+            rows: host rows.
+
+        Raises:
+            ValueError: the sink is closed.
+        """
         from mlflow.entities import Metric
 
         if self._closed:
@@ -648,7 +707,11 @@ class ConsoleSink:
         self.console.print(f"[yellow]{text}[/yellow]", highlight=False)
 
     def write(self, rows: list[Row]) -> None:
-        """Print the flush's incidents and findings, then its status line."""
+        """Print the flush's incidents and findings, then its status line.
+
+        Args:
+            rows: host rows.
+        """
         from rich.markup import escape
 
         said = [r for r in rows if self._incident(r) or

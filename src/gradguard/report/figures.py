@@ -313,6 +313,9 @@ def write_figures(rows: list[Row], out_dir: str | Path) -> list[Path]:
     Returns:
         The paths written, in the order timeline, clip rate, gradient flow, heatmap.
 
+    Raises:
+        TypeError: ``rows`` is not a list.
+
     Example:
         >>> write_figures(read_jsonl("run.jsonl"), "figs/")
     """

@@ -201,7 +201,18 @@ def _figures(rows: list[Row]) -> str:
 
 
 def render_html(rows: list[Row], title: str = "gradguard report") -> str:
-    """The report as one HTML string (see :func:`build_report`)."""
+    """The report as one HTML string (see :func:`build_report`, which writes it to a file).
+
+    Args:
+        rows: host rows, already checked to be records.
+        title: the page title.
+
+    Returns:
+        The whole page: inline style, embedded figures, no script.
+
+    Example:
+        >>> html = render_html(guard.records, title="run 7")
+    """
     template = Template(
         resources.files("gradguard.report").joinpath("template.html").read_text("utf-8")
     )
