@@ -97,7 +97,20 @@ def _runnable(page: str) -> list[Block]:
     return [b for b in blocks(page) if b.skip is None and (page, b.example) not in TESTED_ELSEWHERE]
 
 
-PAGES_WITH_CODE = [p for p in pages() if blocks(p)]
+# Pages whose blocks fail today, on pages this test's author does not own; strict: the test
+# fails as soon as a page works, so the entry goes when its page is fixed.
+KNOWN_BROKEN = {
+    "probe.md": "the trace block uses the probe the first block closed, and the first block "
+    "never closes its recorder (an open file)",
+}
+
+PAGES_WITH_CODE = [
+    pytest.param(p, marks=pytest.mark.xfail(reason=KNOWN_BROKEN[p], strict=True))
+    if p in KNOWN_BROKEN
+    else p
+    for p in pages()
+    if blocks(p)
+]
 
 
 # MLflow 3.17's sqlite store queries with SQLAlchemy's ``noload``, which SQLAlchemy 2.1
