@@ -112,6 +112,8 @@ def test_wandb_sink_logs_to_a_run_it_is_given_and_leaves_it_open(wandb_offline: 
     assert history[5]["after"] == 1.0
     with pytest.raises(TypeError, match="either a run"):
         WandbSink(run, project="x")
+    with pytest.raises(TypeError, match="wandb run"):
+        WandbSink(run_dir)
 
 
 @mlflow_sqlalchemy
@@ -162,6 +164,8 @@ def test_mlflow_sink_logs_to_an_existing_run_and_batches_large_flushes(tmp_path:
     assert len(client.get_run(run_id).data.metrics) == 701
     with pytest.raises(TypeError, match="run_id"):
         MlflowSink(run_id, tracking_uri=uri, experiment="x")
+    with pytest.raises(TypeError, match="run_name must be a str"):
+        MlflowSink(tracking_uri=uri, run_name=3)  # type: ignore[arg-type]
 
 
 @mlflow_sqlalchemy

@@ -34,6 +34,7 @@ __all__ = [
     "MlflowSink",
     "TensorBoardSink",
     "WandbSink",
+    "metrics",
     "read_csv",
     "read_jsonl",
 ]
@@ -500,7 +501,7 @@ class WandbSink:
 
     Raises:
         ImportError: wandb is not installed.
-        TypeError: both ``run`` and ``init_kwargs`` were given.
+        TypeError: ``run`` is not a W&B run, or both ``run`` and ``init_kwargs`` were given.
 
     Example:
         >>> rec = Recorder([JsonlSink("run.jsonl"), WandbSink(project="my-run", mode="offline")])
@@ -516,6 +517,8 @@ class WandbSink:
             raise ImportError("WandbSink needs the wandb package: pip install wandb") from e
         if run is not None and init_kwargs:
             raise TypeError("give either a run or wandb.init keyword arguments, not both")
+        if run is not None and not all(hasattr(run, a) for a in ("log", "define_metric", "dir")):
+            raise TypeError(f"run must be a wandb run (wandb.init()), got {type(run).__name__}")
         self._owns_run = run is None
         self.run: Any = wandb.init(**init_kwargs) if run is None else run
         self.run.define_metric(self.STEP_METRIC)
@@ -578,7 +581,8 @@ class MlflowSink:
 
     Raises:
         ImportError: mlflow is not installed.
-        TypeError: ``experiment`` or ``run_name`` was given with an existing ``run_id``.
+        TypeError: an argument is not a str (or None), or ``experiment`` or ``run_name`` was
+            given with an existing ``run_id``.
 
     Example:
         >>> sink = MlflowSink(tracking_uri="sqlite:///mlflow.db", experiment="exp1")
@@ -600,6 +604,14 @@ class MlflowSink:
             from mlflow.tracking import MlflowClient
         except ImportError as e:
             raise ImportError("MlflowSink needs the mlflow package: pip install mlflow") from e
+        for name, value in (
+            ("run_id", run_id),
+            ("tracking_uri", tracking_uri),
+            ("experiment", experiment),
+            ("run_name", run_name),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
         if run_id is not None and (experiment is not None or run_name is not None):
             raise TypeError("experiment and run_name are for a run the sink starts, not run_id")
         self.client: Any = MlflowClient(tracking_uri=tracking_uri)
