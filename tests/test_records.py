@@ -19,7 +19,7 @@ from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gradguard.records import SCHEMA_VERSION, Recorder
+from gradguard.records import SCHEMA_VERSION, Named, Recorder
 from gradguard.sinks import ConsoleSink, CsvSink, JsonlSink, TensorBoardSink, read_csv, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,7 +347,7 @@ def test_recorder_flushes_every_k_steps_in_one_transfer_with_exact_values() -> N
     assert sink.batches == [] and rec.rows == []
     with OpLog() as logged:
         rec.log(3, **args[3])
-    assert logged.ops.count("stack") == 1  # one stacked tensor per device ...
+    assert logged.ops.count("cat") == 1  # one concatenated tensor per device ...
     assert "_local_scalar_dense" not in logged.ops  # ... read at once, not value by value
     assert len(sink.batches) == 1 and len(sink.batches[0]) == 4
     for s, row in enumerate(sink.batches[0]):
@@ -356,6 +356,21 @@ def test_recorder_flushes_every_k_steps_in_one_transfer_with_exact_values() -> N
         assert row["ok"] is bool(values[s] > 0)
         assert row["layers"]["a"] == (values[s] * 2).item()
         assert (row["v"], row["kind"], row["step"]) == (SCHEMA_VERSION, "step", s)
+
+
+def test_named_values_flush_to_a_dict_in_the_same_transfer() -> None:
+    sink = ListSink()
+    rec = Recorder([sink], flush_every=2)
+    norms = torch.tensor([[1.5, 2.5], [3.5, float("nan")]])
+    with OpLog() as logged:
+        for s in range(2):
+            rec.log(s, loss=torch.tensor(float(s)), layers=Named(["a", "b"], norms[s]))
+    assert logged.ops.count("cat") == 1 and "_local_scalar_dense" not in logged.ops
+    assert sink.batches[0][0]["layers"] == {"a": 1.5, "b": 2.5}
+    assert sink.batches[0][1]["layers"]["a"] == 3.5 and math.isnan(
+        sink.batches[0][1]["layers"]["b"]
+    )
+    assert set(Named(["a", "b"], norms[0]).as_dict()) == {"a", "b"}
 
 
 def test_recorder_counts_steps_not_rows() -> None:

@@ -77,7 +77,7 @@ from gradguard.detect import Detection, Detector, NonFiniteDetector, Signals, Sp
 from gradguard.incident import IncidentWriter, forward_rng_state
 from gradguard.norms import grad_norms
 from gradguard.policies import ClipPolicy, ZScoreClip
-from gradguard.records import Recorder
+from gradguard.records import Named, Recorder
 from gradguard.response import (
     DEFAULT_LADDER,
     Budgets,
@@ -858,7 +858,10 @@ class Guard:
             "lr": self.lr_scale.effective(lr.detach().clone() if isinstance(lr, Tensor) else lr),
         }
         if cfg.record_layers and names:
-            row["layers"] = dict(zip(names, norms.per_tensor))
+            per = norms.per_tensor
+            same = all(n.device == per[0].device for n in per)
+            # One stacked tensor per step instead of one queued tensor per layer.
+            row["layers"] = Named(names, torch.stack(per)) if same else dict(zip(names, per))
         report = StepReport(
             self.step_count, self.position, total, clip.total, clip.threshold, grads_ok, self.settle
         )
@@ -1046,7 +1049,10 @@ class Guard:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             scaler=self.scaler,
-            history=list(self._history),
+            history=[
+                {k: v.as_dict() if isinstance(v, Named) else v for k, v in row.items()}
+                for row in self._history
+            ],
             config=cfg,
             recorded={"loss": s.row["loss"], "grad_norm": s.row["grad_norm"]},
             amp_dtype=torch.float16 if amp else None,

@@ -24,7 +24,7 @@ back, are in :mod:`gradguard.sinks`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -50,26 +50,52 @@ class Sink(Protocol):
         ...
 
 
+class Named(NamedTuple):
+    """Many named values of one row entry as one 1-D tensor: ``names[i]`` is ``values[i]``.
+
+    Logging a model's per-layer norms as one stacked tensor costs one kernel per step instead
+    of one queued tensor per layer; the flush turns it into the usual ``{name: number}`` dict.
+    """
+
+    names: list[str]
+    values: Tensor
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{name: 0-dim tensor}`` (no host read)."""
+        return dict(zip(self.names, self.values.unbind()))
+
+
+def _number(t: Tensor, x: float) -> Any:
+    if t.dtype == torch.bool:
+        return bool(x)
+    if not t.dtype.is_floating_point:
+        return int(x)
+    return float(x)
+
+
 def _gather(pending: list[Row]) -> list[Row]:
     """Replace every tensor in ``pending`` by a Python number, one transfer per device."""
-    slots: dict[torch.device, list[tuple[Row | dict[str, Any], str, Tensor]]] = {}
+    slots: dict[torch.device, list[tuple[Row | dict[str, Any], str, Any]]] = {}
     for row in pending:
         for key, value in row.items():
-            if isinstance(value, Tensor):
-                slots.setdefault(value.device, []).append((row, key, value))
+            if isinstance(value, (Tensor, Named)):
+                device = value.device if isinstance(value, Tensor) else value.values.device
+                slots.setdefault(device, []).append((row, key, value))
             elif isinstance(value, dict):
                 for sub, v in value.items():
                     if isinstance(v, Tensor):
                         slots.setdefault(v.device, []).append((value, sub, v))
     for items in slots.values():
-        flat = torch.stack([t.detach().reshape(()).double() for _, _, t in items]).cpu().tolist()
-        for (holder, key, t), x in zip(items, flat):
-            if t.dtype == torch.bool:
-                holder[key] = bool(x)
-            elif not t.dtype.is_floating_point:
-                holder[key] = int(x)
+        parts = [(v.values if isinstance(v, Named) else v).detach() for _, _, v in items]
+        flat = torch.cat([t.reshape(-1).double() for t in parts]).cpu().tolist()
+        at = 0
+        for (holder, key, v), t in zip(items, parts):
+            n = t.numel()
+            if isinstance(v, Named):
+                holder[key] = {name: _number(t, x) for name, x in zip(v.names, flat[at : at + n])}
             else:
-                holder[key] = float(x)
+                holder[key] = _number(t, flat[at])
+            at += n
     return pending
 
 

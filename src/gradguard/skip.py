@@ -40,16 +40,17 @@ __all__ = [
 ]
 
 
-def _persistent_buffers(model: nn.Module) -> list[Tensor]:
-    """Buffers a checkpoint holds (``state_dict``): the ones a forward may update."""
-    out: list[Tensor] = []
+def _buffer_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Where the buffers a checkpoint holds (``state_dict``) live: the ones a forward may
+    update. Found once; each step reads ``module._buffers[name]`` (a module may replace one)."""
+    out: list[tuple[nn.Module, str]] = []
     seen: set[int] = set()
     for module in model.modules():
         skip = module._non_persistent_buffers_set
         for name, b in module._buffers.items():
             if b is not None and name not in skip and id(b) not in seen:
                 seen.add(id(b))
-                out.append(b)
+                out.append((module, name))
     return out
 
 
@@ -58,7 +59,9 @@ class BufferKeeper:
 
     One copy of the persistent buffers (BatchNorm: two vectors and a counter per layer). After
     every guarded step :meth:`settle_` runs ``buf = where(skipped, kept, buf); kept = buf`` on the
-    device: an applied step keeps what its forward did, a skipped one gets the buffers back.
+    device: an applied step keeps what its forward did, a skipped one gets the buffers back. The
+    buffers are found when the keeper is made and after :meth:`keep_` (a restore); a module
+    that adds a buffer later is not covered until then.
 
     Args:
         model: the module whose buffers are kept.
@@ -70,39 +73,29 @@ class BufferKeeper:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._live: list[Tensor] = []
+        self._slots: list[tuple[nn.Module, str]] = []
         self._kept: list[Tensor] = []
         self.keep_()
 
     def keep_(self) -> None:
-        """Take the current buffers as the kept ones (after a restore from a snapshot, too)."""
-        self._live = _persistent_buffers(self.model)
-        self._kept = [b.detach().clone() for b in self._live]
-
-    def _layout_changed(self, live: list[Tensor]) -> bool:
-        return len(live) != len(self._live) or any(
-            a is not b or a.shape != k.shape for a, b, k in zip(live, self._live, self._kept)
-        )
+        """Find the buffers and keep their current values (after a restore from a snapshot, too)."""
+        self._slots = _buffer_slots(self.model)
+        self._kept = [m._buffers[n].detach().clone() for m, n in self._slots]  # type: ignore[union-attr]
 
     def settle_(self, skipped: Tensor | bool) -> None:
         """After a step: restore the buffers if ``skipped`` (a 0-dim bool tensor or a bool)."""
-        live = _persistent_buffers(self.model)
-        if not live:
+        if not self._slots:
             return
-        if self._layout_changed(live):
-            # A module replaced a buffer (or one was added): nothing to compare it with.
-            self.keep_()
+        live = [m._buffers.get(n) for m, n in self._slots]
+        if any(b is None or b.shape != k.shape for b, k in zip(live, self._kept)):
+            self.keep_()  # a module replaced a buffer by another shape: nothing to compare
             return
         with torch.no_grad():
-            if isinstance(skipped, bool):
-                if skipped:
-                    for b, k in zip(live, self._kept):
-                        b.copy_(k)
-                else:
-                    for b, k in zip(live, self._kept):
-                        k.copy_(b)
-                return
             for b, k in zip(live, self._kept):
+                assert b is not None
+                if isinstance(skipped, bool):
+                    (b if skipped else k).copy_(k if skipped else b)
+                    continue
                 flag = skipped if skipped.device == b.device else skipped.to(b.device)
                 b.copy_(torch.where(flag, k, b))
                 k.copy_(b)
