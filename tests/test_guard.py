@@ -631,3 +631,47 @@ def test_observing_detectors_log_without_skipping() -> None:
     logged = [r for r in guard.records if r["kind"] == "action"]
     assert logged and all(r["action"] == "log" for r in logged)
     assert "update_ratio" in logged[0]["signal"]
+
+
+# ----------------------------------------------------------------------------- sparse
+
+
+def _sparse_run(nan_at: int | None, drop: int | None) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
+    opt = torch.optim.SparseAdam(list(model[0].parameters()), lr=0.05)
+    dense = torch.optim.Adam(model[1].parameters(), lr=0.05)
+    guard = Guard(model, opt, config=GuardConfig(policy=FixedThreshold(0.05)))
+    g = torch.Generator().manual_seed(1)
+    for i in range(8):
+        x = torch.randint(0, 10, (8,), generator=g)
+        if i == drop:
+            continue
+        loss = model(x).pow(2).mean() * 100
+        loss.backward()
+        if i == nan_at:
+            model[0].weight.grad = model[0].weight.grad * math.nan  # type: ignore[operator]
+        report = guard.step(loss)
+        if not report.skipped:
+            dense.step()
+        opt.zero_grad()
+        dense.zero_grad()
+    return model
+
+
+def test_sparse_gradients_are_clipped_and_skipped() -> None:
+    a, b = _sparse_run(nan_at=3, drop=None), _sparse_run(nan_at=None, drop=3)
+    _assert_bitwise(a.state_dict(), b.state_dict())
+    # Clipping a sparse gradient equals clipping its dense twin by the same total norm.
+    emb = nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 1, 2])).sum().mul(100).backward()
+    twin = emb.weight.grad.to_dense()  # type: ignore[union-attr]
+    guard = Guard(
+        emb,
+        torch.optim.SparseAdam(list(emb.parameters())),
+        config=GuardConfig(policy=FixedThreshold(1.0), detectors=[]),
+    )
+    guard.before_optimizer_step()
+    torch.nn.utils.clip_grad_norm_([twin], 1.0)
+    # The same numbers up to the order of the norm's sum (the values hold no zero rows).
+    torch.testing.assert_close(emb.weight.grad.to_dense(), twin, rtol=1e-6, atol=0)  # type: ignore[union-attr]

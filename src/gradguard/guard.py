@@ -368,6 +368,18 @@ def _check_objects(optimizer: Any, scheduler: Any, scaler: Any) -> None:
         raise TypeError("scaler must be a torch.amp.GradScaler or None")
 
 
+def _dense_view(p: Tensor) -> Tensor:
+    """The gradient as a dense tensor to measure and clip in place: a sparse gradient
+    (``nn.Embedding(sparse=True)``) is coalesced and its values (a view) stand for it."""
+    g = p.grad
+    assert g is not None
+    if g.layout is torch.sparse_coo:
+        if not g.is_coalesced():
+            p.grad = g = g.coalesce()
+        return g.values()
+    return g
+
+
 def _loss_tensor(loss: Tensor | float | None, device: torch.device) -> Tensor | None:
     if loss is None:
         return None
@@ -808,7 +820,7 @@ class Guard:
             unscaled = False
         with torch.no_grad():
             live = [(i, p) for i, p in enumerate(params) if p.grad is not None]
-            grads = [p.grad for _, p in live if p.grad is not None]
+            grads = [_dense_view(p) for _, p in live]
             names = [self._name(i, p) for i, p in live]
             norms = grad_norms(grads, cfg.norm_type, foreach=cfg.foreach)
             device = grads[0].device if grads else torch.device("cpu")
