@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -40,11 +41,37 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     return res.stdout
 
 
+def _checkout_copy(dest: Path) -> Path:
+    """The files a fresh clone has (git's tracked files; the working tree's version of each).
+
+    The build runs there, not in the checkout: setuptools writes ``*.egg-info`` next to the
+    sources, and two test workers building in one tree would race.
+    """
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=60
+        ).stdout.decode()
+        files = [f for f in listed.split("\0") if f and (ROOT / f).is_file()]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: take the tree
+        skip = {".git", ".venv", "build", "dist", "__pycache__", "site"}
+        files = [
+            str(p.relative_to(ROOT))
+            for p in ROOT.rglob("*")
+            if p.is_file() and not skip & set(p.relative_to(ROOT).parts)
+            and not any(part.endswith(".egg-info") for part in p.parts)
+        ]  # fmt: skip
+    for f in files:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest / f)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``python -m build`` of this checkout: sdist, then the wheel built from the sdist."""
+    src = _checkout_copy(tmp_path_factory.mktemp("src"))
     out = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)], ROOT)
+    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)], src)
     return out
 
 
