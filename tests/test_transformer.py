@@ -554,3 +554,53 @@ def test_detectors_with_the_guard() -> None:
     rows = guard.flush()
     assert any(r["kind"] == "action" and r.get("signal") == "attn_logit" for r in guard.records)
     assert any(r["kind"] == "transformer" for r in rows + guard.records)
+
+
+# ------------------------------------------------------------------------------ diagnose
+
+
+def test_measure_blocks_follow_the_residual_stream() -> None:
+    from gradguard.diagnose import measure_blocks
+
+    model = tiny_lm()
+    x = tokens()
+    blocks = measure_blocks(model, (x, x))
+    assert [b.name for b in blocks] == ["blocks.layers.0", "blocks.layers.1"]
+    # one block's output is the next one's input, forward and backward
+    assert blocks[0].rms_out == pytest.approx(blocks[1].rms_in, rel=1e-12)
+    assert blocks[0].grad_in > 0 and blocks[1].grad_in == pytest.approx(
+        blocks[0].grad_out, rel=1e-9
+    )
+    h = model.embed(x) + model.pos[:T]
+    assert blocks[0].rms_in == pytest.approx(
+        float(h.detach().double().square().mean().sqrt()), rel=1e-6
+    )
+    assert all(b.forward_gain == pytest.approx(b.rms_out / b.rms_in) for b in blocks)
+    tel = AttentionTelemetry(model)
+    model(x)
+    for b in blocks:
+        assert b.max_logit == pytest.approx(
+            float(tel.max_logits[b.name + ".self_attn"].max()), rel=1e-6
+        )
+
+
+def test_diagnose_ranks_probed_transformer_remedies() -> None:
+    import gradguard
+
+    model = tiny_lm()
+    x = tokens(batch=4)
+    d = gradguard.diagnose(
+        model, (x, x.roll(-1, 1)), steps=1, jacobian_iters=0, probe_lr=0.3, probe_steps=8
+    )
+    assert len(d.blocks) == 2
+    names = [r.name for r in d.transformer_remedies]
+    assert len(names) == 6 and "no change (reference)" in names
+    by = {r.name: r for r in d.transformer_remedies}
+    assert all(r.applicable and math.isfinite(r.loss_after) for r in d.transformer_remedies)
+    # at a high LR qk-layernorm holds the logits down; QK-clip holds them at its cap (+ one step)
+    assert by["qk-layernorm"].max_logit < by["no change (reference)"].max_logit
+    text = d.summary()
+    assert "transformer blocks (residual stream)" in text and "qk-layernorm" in text
+    parts = {r["part"] for r in d.to_rows()}
+    assert {"block", "transformer_remedy"} <= parts
+    assert d.to_dict()["transformer_remedies"][0]["applicable"] is True

@@ -55,19 +55,25 @@ from torch import Tensor, nn
 
 from gradguard import _validate
 from gradguard import remedies as _rem
+from gradguard import transformer_remedies as _tr
+from gradguard.attention import AttentionTelemetry, attention_modules
 from gradguard.clip import clip_grad_norm_
 from gradguard.norms import get_total_norm, tensor_norms
 from gradguard.records import SCHEMA_VERSION, Row
 
 __all__ = [
+    "BlockGain",
     "Diagnosis",
     "Gains",
     "LayerStats",
     "RemedyResult",
     "default_loss",
     "diagnose",
+    "measure_blocks",
     "measure_gains",
+    "probe_transformer_remedies",
     "rank_remedies",
+    "transformer_blocks",
 ]
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -125,6 +131,8 @@ class RemedyResult:
         note: what to keep in mind when reading the numbers.
         error: why it does not apply to this model (None: it applies).
         depth_gain: ``overall_gain`` without the shape changes between layers.
+        max_logit: the largest attention logit after the probe run (transformer remedies,
+            :func:`probe_transformer_remedies`; NaN otherwise).
     """
 
     name: str
@@ -137,11 +145,37 @@ class RemedyResult:
     note: str = ""
     error: str | None = None
     depth_gain: float = math.nan
+    max_logit: float = math.nan
 
     @property
     def applicable(self) -> bool:
         """Whether the remedy could be applied, run and measured on this model."""
         return self.error is None
+
+
+@dataclass
+class BlockGain:
+    """One transformer block's effect on the residual stream (see :func:`measure_blocks`).
+
+    Attributes:
+        index: position in execution order.
+        name: the block's qualified name.
+        rms_in, rms_out: RMS of the residual stream entering and leaving the block.
+        forward_gain: ``rms_out / rms_in``: how much the block grows the stream.
+        grad_in, grad_out: L2 norm of the loss gradient at the block's input and output.
+        backward_gain: ``grad_in / grad_out``.
+        max_logit: the block's largest attention logit on the batch.
+    """
+
+    index: int
+    name: str
+    rms_in: float
+    rms_out: float
+    forward_gain: float
+    grad_in: float
+    grad_out: float
+    backward_gain: float
+    max_logit: float = math.nan
 
 
 @dataclass
@@ -170,6 +204,10 @@ class Diagnosis:
             below it (relative).
         by_loss: whether the ranking compared losses with no change's (False for a bare tensor
             batch without ``loss_fn``: the default loss there is no training objective).
+        blocks: for a transformer, each block's residual-stream gains (:func:`measure_blocks`).
+        transformer_remedies: for a transformer, its remedies measured by a short high-LR
+            AdamW probe run, ranked (:func:`probe_transformer_remedies`).
+        probe: how that probe ran, in words.
 
     Example:
         >>> d = gradguard.diagnose(model, (x, y))
@@ -192,6 +230,9 @@ class Diagnosis:
     shape_gain: float = 1.0
     loss_tolerance: float = 0.05
     by_loss: bool = True
+    blocks: list[BlockGain] = field(default_factory=list)
+    transformer_remedies: list[RemedyResult] = field(default_factory=list)
+    probe: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values (JSON-ready except for non-finite floats).
@@ -201,6 +242,8 @@ class Diagnosis:
         """
         d = asdict(self)
         for r, obj in zip(d["remedies"], self.remedies):
+            r["applicable"] = obj.applicable
+        for r, obj in zip(d["transformer_remedies"], self.transformer_remedies):
             r["applicable"] = obj.applicable
         return d
 
@@ -265,7 +308,37 @@ class Diagnosis:
             skipped = [r for r in self.remedies if not r.applicable]
             for r in skipped:
                 lines.append(f"  - {r.name}: not applicable: {r.error}")
+        lines += self._transformer_lines()
         return "\n".join(lines)
+
+    def _transformer_lines(self) -> list[str]:
+        lines: list[str] = []
+        if self.blocks:
+            lines += ["", "transformer blocks (residual stream):"]
+            lines.append(
+                f"{'#':>3} {'block':<24} {'rms in':>8} {'rms out':>8} {'fwd':>6} {'bwd':>6} "
+                f"{'max logit':>9}"
+            )
+            for b in self.blocks:
+                lines.append(
+                    f"{b.index:>3} {b.name[:24]:<24} {b.rms_in:>8.3g} {b.rms_out:>8.3g} "
+                    f"{b.forward_gain:>6.3g} {b.backward_gain:>6.3g} {b.max_logit:>9.3g}"
+                )
+        if self.transformer_remedies:
+            lines += ["", f"transformer remedies, best first ({self.probe}):"]
+            rank = 0
+            for r in self.transformer_remedies:
+                if not r.applicable:
+                    lines.append(f"  - {r.name}: not applicable: {r.error}")
+                    continue
+                rank += 1
+                note = f"; {r.note}" if r.note else ""
+                lines.append(
+                    f"{rank:>2}. {r.name}: loss after {r.loss_after:.3g}, max attention logit "
+                    f"{r.max_logit:.3g}{note}"
+                )
+                lines.append(f"    apply: {r.how}")
+        return lines
 
     def to_rows(self, step: int = 0) -> list[Row]:
         """Records rows (kind ``"diagnosis"``) for the report and the sinks.
@@ -319,15 +392,36 @@ class Diagnosis:
                     "error": r.error,
                 }
             )
+        for blk in self.blocks:
+            rows.append({**base, "part": "block", **asdict(blk)})
+        rank = 0
+        for r in self.transformer_remedies:
+            rank += r.applicable
+            rows.append(
+                {
+                    **base,
+                    "part": "transformer_remedy",
+                    "rank": rank if r.applicable else 0,
+                    "remedy": r.name,
+                    "how": r.how,
+                    "loss_after": r.loss_after,
+                    "max_logit": r.max_logit,
+                    "note": r.note,
+                    "error": r.error,
+                }
+            )
         return rows
 
 
 def default_loss(output: Any, batch: Any) -> Tensor:
     """The loss :func:`diagnose` uses when none is given.
 
-    ``(x, y)`` with an integer ``y``: cross-entropy; with a floating ``y`` of the output's shape:
-    mean squared error; a bare tensor batch: ``output.pow(2).mean()`` (its gradient is the output
-    itself, which is what a gain measurement needs). A tuple output uses its first item.
+    ``(x, y)`` with an integer ``y``: cross-entropy (classes in dim 1 as torch expects, or, for
+    a language model's ``[B, T, V]`` logits and ``[B, T]`` targets, in the last dim); with a
+    floating ``y`` of the output's shape: mean squared error; a bare tensor batch:
+    ``output.pow(2).mean()`` (its gradient is the output itself, which is what a gain
+    measurement needs). A tuple output uses its first item, a Hugging Face output its
+    ``logits``.
 
     Args:
         output: the model's output (a tensor, or a tuple whose first item is one).
@@ -344,8 +438,14 @@ def default_loss(output: Any, batch: Any) -> Tensor:
         >>> default_loss(model(x), (x, labels))  # == F.cross_entropy(model(x), labels)
     """
     out = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
+        out = out.logits
     if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
         y = batch[1]
+        lm = out.dim() == y.dim() + 1 >= 3 and out.shape[:-1] == y.shape
+        torch_layout = out.dim() == y.dim() + 1 and out.shape[:1] + out.shape[2:] == y.shape
+        if not y.dtype.is_floating_point and lm and not torch_layout:
+            return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1))
         if not y.dtype.is_floating_point and out.dim() >= 2:
             return F.cross_entropy(out.float(), y)
         if y.dtype.is_floating_point and y.shape == out.shape:
@@ -819,6 +919,8 @@ def diagnose(
     percentile: float = 10.0,
     seed: int = 0,
     loss_tolerance: float = 0.05,
+    probe_lr: float = 3e-2,
+    probe_steps: int = 20,
 ) -> Diagnosis:
     """Diagnose exploding or vanishing gradients on the initialized ``model``, before training.
 
@@ -876,6 +978,10 @@ def diagnose(
         seed: seeds the remedies' initializations, so a diagnosis is reproducible.
         loss_tolerance: a remedy whose loss after ``steps`` is more than this fraction above
             the unchanged model's ranks below it (>= 0); see :func:`rank_remedies`.
+        probe_lr: for a transformer (a model with attention modules), the AdamW learning
+            rate of the probe run behind ``transformer_remedies`` (> 0); use the peak LR you
+            plan to train with, or higher.
+        probe_steps: its steps (0: no transformer remedies; the block gains are measured).
 
     Returns:
         A :class:`Diagnosis`; ``print(d.summary())`` reads it out, ``d.to_rows()`` gives
@@ -901,10 +1007,15 @@ def diagnose(
     tol = float(tolerance) if isinstance(tolerance, (int, float)) else math.nan
     if isinstance(tolerance, bool) or not (1.0 < tol < math.inf):
         raise ValueError(f"tolerance must be a finite number > 1, got {tolerance!r}")
-    for name, value, low in (("jacobian_iters", jacobian_iters, 0), ("steps", steps, 0)):
+    for name, value, low in (
+        ("jacobian_iters", jacobian_iters, 0),
+        ("steps", steps, 0),
+        ("probe_steps", probe_steps, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     _validate.threshold("lr", lr, allow_zero=False)
+    _validate.threshold("probe_lr", probe_lr, allow_zero=False)
     _validate.threshold("l2", l2)
     loss_tol = _validate.threshold("loss_tolerance", loss_tolerance)
     p = _validate.as_float("percentile", percentile)
@@ -947,7 +1058,31 @@ def diagnose(
                 trained=steps > 0,
                 by_loss=diag.by_loss,
             )
+        if attention_modules(base):
+            _diagnose_transformer(diag, base, batch, fn, remedies, probe_lr, probe_steps)
     return diag
+
+
+def _diagnose_transformer(
+    diag: Diagnosis,
+    base: nn.Module,
+    batch: Any,
+    fn: LossFn,
+    remedies: bool,
+    lr: float,
+    steps: int,
+) -> None:
+    """Block gains and probed transformer remedies; a model these do not fit loses nothing
+    else of its diagnosis."""
+    try:
+        diag.blocks = measure_blocks(copy.deepcopy(base).train(), batch, fn)
+    except Exception as e:
+        diag.probe = f"block gains not measured: {type(e).__name__}: {_first_line(e)}"
+    if remedies and steps:
+        diag.transformer_remedies = probe_transformer_remedies(
+            base, batch, fn, lr=lr, steps=steps, loss_tolerance=diag.loss_tolerance
+        )
+        diag.probe = f"{steps} AdamW steps at lr {lr:g} on the batch, on a copy each"
 
 
 def _loss_tier(
@@ -1151,3 +1286,204 @@ def _measure_remedies(
         clip.error = f"{type(e).__name__}: {_first_line(e)}"
     results.append(clip)
     return results
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks of a transformer: children of an ``nn.ModuleList`` that hold an attention
+    module (``TransformerEncoder.layers``, GPT-2's ``h``, Llama's ``layers``), in order."""
+    attn = list(attention_modules(model))
+    out: list[tuple[str, nn.Module]] = []
+    for list_name, lst in model.named_modules():
+        if not isinstance(lst, nn.ModuleList):
+            continue
+        for i, child in enumerate(lst):
+            name = f"{list_name}.{i}" if list_name else str(i)
+            if any(a.startswith(name + ".") for a in attn):
+                out.append((name, child))
+    return out
+
+
+def measure_blocks(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -> list[BlockGain]:
+    """Per-block gains of the residual stream: one forward and backward with hooks.
+
+    For each block (:func:`transformer_blocks`): the RMS of the stream entering and leaving it
+    (a pre-norm block adds to the stream, so its forward gain is above 1 and large values point
+    at the block that grows it), the gradient norm at both ends, and the block's largest
+    attention logit (:class:`~gradguard.attention.AttentionTelemetry`). The model runs as given
+    (call it on a copy in train mode); ``.grad`` is not touched.
+
+    Returns:
+        One :class:`BlockGain` per block, in execution order (empty: no blocks found).
+    """
+    fn = loss_fn or default_loss
+    blocks = transformer_blocks(model)
+    if not blocks:
+        return []
+    ins: dict[str, Tensor] = {}
+    outs: dict[str, Tensor] = {}
+    order: list[str] = []
+
+    def pre(name: str) -> Callable[..., None]:
+        def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _first_tensor(args)
+            x = kwargs.get("hidden_states") if x is None else x
+            if isinstance(x, Tensor) and x.requires_grad and name not in ins:
+                ins[name] = x
+
+        return hook
+
+    def post(name: str) -> Callable[..., None]:
+        def hook(m: nn.Module, args: Any, output: Any) -> None:
+            y = _first_tensor(output)
+            if y is not None and y.requires_grad and name not in outs:
+                outs[name] = y
+                order.append(name)
+
+        return hook
+
+    handles = []
+    for name, m in blocks:
+        handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
+        handles.append(m.register_forward_hook(post(name)))
+    tel = AttentionTelemetry(model, training_only=False)
+    try:
+        loss = fn(model(_rem.model_input(batch)), batch)
+    finally:
+        tel.remove()
+        for h in handles:
+            h.remove()
+    names = [n for n in order if n in ins]
+    wanted = [ins[n] for n in names] + [outs[n] for n in names]
+    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+    g_in, g_out = grads[: len(names)], grads[len(names) :]
+    result = []
+    for i, name in enumerate(names):
+        x, y = ins[name], outs[name]
+        rin, rout = (
+            _f(x.detach().double().square().mean().sqrt()),
+            _f(y.detach().double().square().mean().sqrt()),
+        )
+        gi = _f(g_in[i].double().norm()) if g_in[i] is not None else 0.0
+        go = _f(g_out[i].double().norm()) if g_out[i] is not None else 0.0
+        logits = [v for a, v in tel.max_logits.items() if a.startswith(name + ".")]
+        top = _f(torch.stack([v.max() for v in logits]).max()) if logits else math.nan
+        result.append(BlockGain(i, name, rin, rout, _ratio(rout, rin), gi, go, _ratio(gi, go), top))
+    return result
+
+
+def _logits_of(output: Any) -> Tensor:
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
+        out = out.logits
+    if not isinstance(out, Tensor):
+        raise TypeError(f"cannot find logits in a {type(output).__name__}")
+    return out
+
+
+def _probe_run(
+    model: nn.Module,
+    batch: Any,
+    fn: LossFn,
+    *,
+    lr: float,
+    steps: int,
+    z: float = 0.0,
+    tau: float | None = None,
+    warmup: bool = False,
+) -> tuple[float, float]:
+    """AdamW (betas 0.9/0.95, as LLM recipes) for ``steps`` steps on ``batch``; the loss and
+    the largest attention logit of a last forward."""
+    tel = AttentionTelemetry(model)
+    clip = _tr.QKClip(tel, tau) if tau is not None else None
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    x = _rem.model_input(batch)
+    try:
+        for step in range(steps):
+            if warmup:
+                for group in opt.param_groups:
+                    group["lr"] = lr * (step + 1) / steps
+            opt.zero_grad(set_to_none=True)
+            out = model(x)
+            loss = fn(out, batch)
+            if z:
+                loss = loss + _tr.z_loss(_logits_of(out), z)
+            loss.backward()
+            opt.step()
+            if clip is not None:
+                clip()
+        with torch.no_grad():
+            final = _f(fn(model(x), batch))
+        top = tel.max_logit()
+        return final, (_f(top) if top is not None else math.nan)
+    finally:
+        tel.remove()
+        model.zero_grad(set_to_none=True)
+
+
+def probe_transformer_remedies(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    *,
+    lr: float = 3e-2,
+    steps: int = 20,
+    tau: float = 50.0,
+    cap: float = 30.0,
+    loss_tolerance: float = 0.05,
+) -> list[RemedyResult]:
+    """Each transformer remedy on a copy, measured by a short high-LR probe run, ranked.
+
+    Attention-logit growth and output-logit divergence appear at high learning rates, not at
+    initialization (Wortsman et al. 2023, arXiv 2309.14322), so every candidate trains ``steps``
+    AdamW steps at ``lr`` on ``batch`` and reports the loss and the largest attention logit
+    after them. Candidates: no change, qk-layernorm, z-loss 1e-4, QK-clip at ``tau``, output
+    soft-capping at ``cap``, and a linear LR warm-up over the probe. Ranked by
+    :func:`rank_remedies` on the loss after the probe, so a remedy that trains worse than no
+    change never ranks above it; one that does not fit is kept as not applicable, with the
+    reason.
+
+    Returns:
+        The ranked :class:`RemedyResult` list (``max_logit`` filled in).
+    """
+    fn = loss_fn or default_loss
+
+    def copy_of() -> nn.Module:
+        return copy.deepcopy(model).train()
+
+    candidates: list[tuple[str, str, Callable[[], nn.Module], dict[str, Any]]] = [
+        (REFERENCE, "(the model as it is)", copy_of, {}),
+        ("qk-layernorm", "model = gradguard.transformer_remedies.insert_qk_norm(model)",
+         lambda: _tr.insert_qk_norm(model).train(), {}),
+        ("z-loss (1e-4)", "loss = gradguard.transformer_remedies.ZLoss(loss_fn)(logits, y)",
+         copy_of, {"z": _tr.Z_LOSS_COEF}),
+        (f"QK-clip (tau {tau:g})",
+         f"guard.register_step_hook(gradguard.transformer_remedies.QKClip(telemetry, {tau:g}))",
+         copy_of, {"tau": tau}),
+        (f"logit soft-cap ({cap:g})",
+         f"model = gradguard.transformer_remedies.add_logit_softcap(model, {cap:g})",
+         lambda: _tr.add_logit_softcap(model, cap).train(), {}),
+        (f"LR warm-up ({steps} steps)",
+         "a linear warm-up of the learning rate (here over the probe's steps)",
+         copy_of, {"warmup": True}),
+    ]  # fmt: skip
+    results: list[RemedyResult] = []
+    for name, how, make, kw in candidates:
+        r = RemedyResult(name, how)
+        try:
+            try:
+                m = make()
+            except (ValueError, TypeError, NotImplementedError) as e:
+                raise _NotApplicable(_first_line(e)) from e
+            try:
+                r.loss_after, r.max_logit = _probe_run(m, batch, fn, lr=lr, steps=steps, **kw)
+            except _NotApplicable:
+                raise
+            except Exception as e:
+                raise _stage("its probe run", e) from e
+        except _NotApplicable as e:
+            r.error = str(e)
+        results.append(r)
+    return rank_remedies(results, results[0], loss_tolerance=loss_tolerance)
