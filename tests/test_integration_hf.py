@@ -18,6 +18,8 @@ from transformers import (
     TrainingArguments,
 )
 
+from gradguard.guard import GuardConfig
+from gradguard.incident import load_bundle
 from gradguard.integrations.transformers import GuardCallback, GuardedTrainer
 from tests._state import state_diff, states_equal
 
@@ -160,14 +162,28 @@ def test_guarded_trainer_skips_nan_batch(tmp_path: Path, optim: str) -> None:
 
 def test_plain_trainer_with_callback_skips_nan_batch(tmp_path: Path) -> None:
     watch = StepWatch((POISON - 1, POISON))
+    cb = GuardCallback(GuardConfig(incident_dir=str(tmp_path / "incidents")))
     trainer = Trainer(
-        model=tiny_model(),
-        args=args(tmp_path),
-        train_dataset=Embeds(),
-        callbacks=[GuardCallback(), watch],
+        model=tiny_model(), args=args(tmp_path), train_dataset=Embeds(), callbacks=[cb, watch]
     )
     trainer.train()
     _check_run(trainer, watch)
+    # The skip wrote an incident bundle holding the batch as the model got it.
+    (path,) = [r["bundle"] for r in cb.guard.records if r["kind"] == "action"]  # type: ignore[union-attr]
+    bundle = load_bundle(path)
+    assert bundle.step == POISON and bundle.action == "skip"
+    assert torch.isnan(bundle.batch["inputs_embeds"]).any()
+
+
+def test_guarded_trainer_writes_the_training_step_inputs(tmp_path: Path) -> None:
+    cfg = GuardConfig(incident_dir=str(tmp_path / "incidents"))
+    trainer = GuardedTrainer(
+        model=tiny_model(), args=args(tmp_path), train_dataset=Embeds(), guard_config=cfg
+    )
+    trainer.train()
+    (path,) = [r["bundle"] for r in trainer.guard.records if r["kind"] == "action"]
+    batch = load_bundle(path).batch
+    assert set(batch) == {"inputs_embeds", "labels"} and torch.isnan(batch["inputs_embeds"]).any()
 
 
 def test_bf16_autocast_skips_nan_batch(tmp_path: Path) -> None:

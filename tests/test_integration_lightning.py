@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from gradguard.guard import GuardConfig
+from gradguard.incident import load_bundle
 from gradguard.integrations.lightning import GuardCallback
 from tests._state import state_diff, states_equal
 
@@ -130,11 +132,16 @@ def _assert_skip_and_finish(tmp_path: Path, module: TinyModule, watch: StepWatch
 
 
 def test_nan_batch_is_skipped_and_logged(tmp_path: Path) -> None:
-    module, watch, guard_cb = TinyModule(), StepWatch((POISON - 1, POISON)), GuardCallback()
+    module, watch = TinyModule(), StepWatch((POISON - 1, POISON))
+    guard_cb = GuardCallback(GuardConfig(incident_dir=str(tmp_path / "incidents")))
     trainer(tmp_path, [guard_cb, watch]).fit(module, loader())
     _assert_skip_and_finish(tmp_path, module, watch)
     actions = [r for r in guard_cb.guard.records if r["kind"] == "action"]
     assert [r["step"] for r in actions if r["action"] == "skip"] == list(SKIPPED)
+    # Each skip wrote an incident bundle holding the batch as Lightning handed it.
+    bundles = [load_bundle(r["bundle"]) for r in actions if r["action"] == "skip"]
+    assert [b.step for b in bundles] == list(SKIPPED)
+    assert all(torch.isnan(b.batch[0]).any() for b in bundles)
 
 
 def test_nan_batch_is_skipped_under_bf16_autocast(tmp_path: Path) -> None:

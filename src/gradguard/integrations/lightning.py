@@ -78,6 +78,7 @@ class GuardCallback(pl.Callback):
         self._buffer = RowBuffer()
         self._pending_state: dict[str, Any] | None = None
         self._loss: Tensor | None = None
+        self._batch: Any = None  # the batch as Lightning hands it: an incident bundle holds it
         self._stepped = False
         self._steps = 0  # step rows written to the loggers, and how many of them were clipped
         self._clipped = 0
@@ -119,6 +120,11 @@ class GuardCallback(pl.Callback):
 
     # ------------------------------------------------------------------ the step
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch
+
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
@@ -138,7 +144,7 @@ class GuardCallback(pl.Callback):
     ) -> None:
         if self.guard is None:
             return
-        self.guard.before_optimizer_step(self._loss)
+        self.guard.before_optimizer_step(self._loss, batch=self._batch)
         self._loss = None
         self._stepped = True
 

@@ -117,6 +117,8 @@ class GuardCallback(TrainerCallback):
         self._loss_from_trainer = False  # GuardedTrainer feeds the loss; else a forward hook
         self._summed = False  # the step's loss is the sum (not the mean) of the micro-batches
         self._hook: Any = None
+        # The last training micro-batch as the model got it: an incident bundle holds it.
+        self.batch: Any = None
 
     # ------------------------------------------------------------------ setup
 
@@ -199,6 +201,8 @@ class GuardCallback(TrainerCallback):
     ) -> None:
         if not module.training or not torch.is_grad_enabled():
             return  # evaluation forward passes are not part of the step
+        if not self._loss_from_trainer:
+            self.batch = kwargs or args
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, Tensor):
             self._losses.append(loss.detach().float().mean())
@@ -226,7 +230,7 @@ class GuardCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.guard is not None:
-            self.guard.before_optimizer_step(self._step_loss())
+            self.guard.before_optimizer_step(self._step_loss(), batch=self.batch)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -353,6 +357,7 @@ class GuardedTrainerMixin:
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         loss: Tensor = super().training_step(*args, **kwargs)  # type: ignore[misc]
         self.guard_callback.add_loss(loss)
+        self.guard_callback.batch = args[1] if len(args) > 1 else kwargs.get("inputs")
         return loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
