@@ -2,22 +2,26 @@
 (momentum- and beta-cycling ones included) x sync mode x precision x response, each guarded run
 compared bit for bit with a run that never saw the bad batch.
 
-A case trains a Linear-BatchNorm1d-ReLU-Linear model for 14 data positions, batch 8, with one
-NaN batch. The response is a skip (``nonfinite: skip``) or a rollback to a snapshot
-(``nonfinite: rollback``, ``snapshot_every=k``). Both runs are driven by ``guard.position`` as
-docs/guard.md shows; the reference drops, with ``guard.drop_batch()``, exactly the positions the
-guarded run left out (the NaN batch for a skip, ``guard.skip_list.windows`` for a rollback).
-Equal at the end: parameters, buffers, optimizer state, scheduler state, GradScaler state, and
-the hyperparameters (learning rates, momentum, betas, ...) of every applied optimizer step.
+A case trains a Linear-BatchNorm1d-ReLU-Linear model for 14 data positions, batch 8, with a
+NaN batch. The response is a skip (``nonfinite: skip``), a rollback to a snapshot
+(``nonfinite: rollback``, ``snapshot_every=k``), or ``skip-rollback``: two NaN batches in a row
+under ``("skip", "rollback")`` with a skip budget of one and ``skip_after=1``, so the rollback
+leaves out a window of three positions, one of them a good batch. Both runs are driven by
+``guard.position`` as docs/guard.md shows; the reference drops, with ``guard.drop_batch()``,
+exactly the positions the guarded run left out (the NaN batch for a skip,
+``guard.skip_list.windows`` for a rollback). Equal at the end: parameters, buffers, optimizer
+state, scheduler state, GradScaler state, and the hyperparameters (learning rates, momentum,
+betas, ...) of every applied optimizer step.
 
 The sync modes: ``step`` (the host decides every step), ``lazy`` (fused optimizers: the device
 skips with ``found_inf``; on the CPU the flags are read at the end of the same step) and
 ``late`` (lazy, with the flags read at the next step as on CUDA, so the scheduler's guess must
 be undone: see ``tests/_matrix_util.make_deferred``).
 
-The full product has about 1,700 cases; :data:`CASES` takes each optimizer variant with both
-responses (94 cases) and deals the schedulers and precisions over them from a seeded shuffle,
-so every axis value appears and the whole file runs in well under a minute on one core.
+The full product has about 2,500 cases; :data:`CASES` takes each optimizer variant with a skip
+and with one of the two rollbacks (94 cases, and a few named ones) and deals the schedulers and
+precisions over them from a seeded shuffle, so every axis value appears and the whole file runs
+in well under a minute on one core.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 
 from gradguard.guard import Guard, GuardConfig
+from gradguard.response import Budgets
 from tests._matrix_util import UsedHyperparameters, assert_same, make_deferred
 
 N_POSITIONS = 14
@@ -77,6 +82,10 @@ FAMILIES: dict[str, Family] = {
     "sgd-nesterov": Family(optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}, ALL3, True),
     "adam": Family(optim.Adam, {"lr": 0.01, "weight_decay": 0.01}, ALL3, True),
     "adamw": Family(optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}, ALL3, True),
+    # A tensor LR: the fused kernel reads the tensor, so a restore must copy into it.
+    "adamw-tensor-lr": Family(
+        optim.AdamW, {"lr": torch.tensor(0.01), "weight_decay": 0.1}, ("fused",), True
+    ),
     "adamax": Family(optim.Adamax, {"lr": 0.01}, NO_FUSED, True),
     "nadam": Family(optim.NAdam, {"lr": 0.01}, NO_FUSED, True),
     "radam": Family(optim.RAdam, {"lr": 0.01}, NO_FUSED, True),
@@ -94,7 +103,7 @@ if hasattr(optim, "Muon"):
 
 SCHEDULERS = ("none", "steplr", "onecycle", "cyclic", "sequential", "cosine-restarts")
 PRECISIONS = ("fp32", "bf16", "fp16")
-RESPONSES = ("skip", "rollback")
+RESPONSES = ("skip", "rollback", "skip-rollback")
 
 
 def _scheduler(name: str, opt: torch.optim.Optimizer, family: Family) -> Any:
@@ -156,7 +165,7 @@ def _cases() -> list[Case]:
     rng = random.Random(0)
     pairs: list[tuple[str, str]] = []
     combos = list(itertools.product(SCHEDULERS, PRECISIONS))
-    keys = [(v, r) for v in _variants() for r in RESPONSES]
+    keys = [(v, r) for v in _variants() for r in ("skip", rng.choice(RESPONSES[1:]))]
     while len(pairs) < len(keys):
         block = combos[:]
         rng.shuffle(block)
@@ -164,7 +173,7 @@ def _cases() -> list[Case]:
 
     def case(fam: str, impl: str, sync: str, sched: str, prec: str, resp: str) -> Case:
         k = rng.choice((3, 4, 5))
-        bad = rng.randint(k + 1, N_POSITIONS - 4) if resp == "rollback" else rng.randint(2, 10)
+        bad = rng.randint(2, 10) if resp == "skip" else rng.randint(k + 1, N_POSITIONS - 5)
         return Case(fam, impl, sync, sched, prec, resp, bad, k)
 
     cases = [case(*v, s, p, r) for (v, r), (s, p) in zip(keys, pairs)]
@@ -175,6 +184,7 @@ def _cases() -> list[Case]:
         case("adam", "fused", "late", "onecycle", "fp32", "skip"),
         case("sgd-momentum", "fused", "late", "cyclic", "fp16", "skip"),
         case("adamw", "fused", "late", "sequential", "bf16", "skip"),
+        case("adam", "fused", "late", "cyclic", "fp16", "skip-rollback"),
     ]
     seen: set[str] = set()
     unique = []
@@ -247,7 +257,7 @@ class Run:
 def _run(case: Case, bad: set[int], drop: set[int]) -> Run:
     fam = FAMILIES[case.family]
     model = _model(fam.matrix_only)
-    kwargs = dict(fam.kwargs)
+    kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in fam.kwargs.items()}
     if case.impl != "plain":
         kwargs[case.impl] = True
     elif "foreach" in fam.impls:
@@ -261,9 +271,16 @@ def _run(case: Case, bad: set[int], drop: set[int]) -> Run:
     )
     if case.response == "skip":
         config = GuardConfig(responses={"nonfinite": ("skip", "abort")})
-    else:
+    elif case.response == "rollback":
         config = GuardConfig(
             snapshot_every=case.snapshot_every, responses={"nonfinite": ("rollback", "abort")}
+        )
+    else:
+        config = GuardConfig(
+            snapshot_every=case.snapshot_every,
+            responses={"nonfinite": ("skip", "rollback", "abort")},
+            budgets=Budgets(skip=1),
+            skip_after=1,
         )
     config.sync = "lazy" if case.sync in ("lazy", "late") else "step"
     guard = Guard(model, opt, sched, scaler=scaler, config=config)
@@ -308,14 +325,16 @@ def _positions_left_out(run: Run) -> set[int]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_guarded_run_equals_the_run_that_never_saw_the_bad_batch(case: Case) -> None:
-    guarded = _run(case, bad={case.bad}, drop=set())
+    streak = 2 if case.response == "skip-rollback" else 1
+    guarded = _run(case, bad={case.bad, case.bad + streak - 1}, drop=set())
     if case.response == "skip":
         assert (case.bad, "skip") in guarded.actions, guarded.actions
         left_out = {case.bad}
     else:
         assert guarded.guard.counters.rollbacks == 1, guarded.actions
+        # The streak, widened by skip_after (one good batch in skip-rollback).
+        assert guarded.guard.skip_list.windows == [(case.bad, case.bad + 2 * streak - 2)]
         left_out = _positions_left_out(guarded)
-        assert case.bad in left_out
     ref = _run(case, bad=set(), drop=left_out)
     assert all(a in ("step", "clip") for _, a in ref.actions), ref.actions
 
