@@ -35,6 +35,7 @@ def offline_env(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
         "WANDB_DATA_DIR": str(folder / "wandb-data"),
         "WANDB_DISABLE_GIT": "true",
         "WANDB_CONSOLE": "off",
+        "DO_NOT_TRACK": "true",
     }.items():
         monkeypatch.setenv(key, value)
 

@@ -126,6 +126,8 @@ def test_every_code_block_runs(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # W&B offline, its config and caches in the test's folder: nothing leaves the machine
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 reports usage otherwise
+    monkeypatch.setenv("DO_NOT_TRACK", "true")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")

@@ -44,8 +44,13 @@ mlflow_sqlalchemy = pytest.mark.filterwarnings(
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """MLflow's sqlite store puts artifacts under ./mlruns: keep them out of the checkout."""
+    """MLflow's sqlite store puts artifacts under ./mlruns: keep them out of the checkout.
+
+    And MLflow 3 sends usage telemetry unless told not to: nothing leaves the machine.
+    """
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("DO_NOT_TRACK", "true")
 
 
 def sql_store(value: float) -> float:
