@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests._docs import DOCS, ROOT, Block, blocks, pages
+from tests._wandb import offline_env
 
 # Named examples that a dedicated test runs and checks; tests/test_docs.py leaves them to it.
 TESTED_ELSEWHERE = {
@@ -126,13 +127,8 @@ def test_every_code_block_runs(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # W&B offline, its config and caches in the test's folder: nothing leaves the machine
+    offline_env(monkeypatch, tmp_path)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 reports usage otherwise
-    monkeypatch.setenv("DO_NOT_TRACK", "true")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
-    for key in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(key, str(tmp_path / key.lower()))
     todo = _runnable(page)
     shell = [b.where for b in todo if b.lang != "python" and b.lang != "py"]
     assert not shell, f"shell blocks need a dedicated test or a skip marker: {shell}"
