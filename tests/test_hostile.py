@@ -258,8 +258,12 @@ spec("GuardConfig", GuardConfig, "record_layers", is_bool)
 spec("GuardConfig", GuardConfig, "foreach", opt(is_bool))
 for _arg in ("snapshot_every", "skip_before", "skip_after"):
     spec("GuardConfig", GuardConfig, _arg, int_ge(0))
-for _arg in ("keep_snapshots", "flush_every"):
+for _arg in ("keep_snapshots", "flush_every", "incident_max", "incident_history"):
     spec("GuardConfig", GuardConfig, _arg, int_ge(1))
+spec("GuardConfig", GuardConfig, "keep_buffers", is_bool)
+for _arg in ("max_count", "max_batch_bytes"):
+    spec("IncidentWriter", gradguard.IncidentWriter, _arg, int_ge(0),
+         directory=lambda m: tempfile.mkdtemp(prefix="gg-hostile-inc-"))  # fmt: skip
 
 
 def _closing(cls: Callable[..., Any]) -> Callable[..., Any]:
@@ -378,7 +382,8 @@ NO_SCALAR_ARGS = {
     "SnapshotError", "capture", "checksum", "load_snapshot", "restore", "rng_state",
     "save_snapshot", "set_rng_state", "to_cpu", "Diagnosis", "diagnose", "Guard", "StepReport",
     "GuardAbort", "ConsoleSink", "CsvSink", "NonFiniteOrigin", "NonFiniteTrace", "TensorState",
-    "read_csv",
+    "read_csv", "Stage", "Named", "Bundle", "BundleError", "load_bundle", "Replay", "replay",
+    "metrics",
 }  # fmt: skip
 
 
