@@ -591,6 +591,41 @@ def test_ema_through_the_step_hook_equals_the_never_seen_runs_ema(sync: str) -> 
     assert_same(a.state_dict(), b.state_dict(), "model")
 
 
+@pytest.mark.parametrize("sync", ["step", "lazy", "late"])
+def test_ema_through_the_step_hook_forgets_rolled_back_steps(sync: str) -> None:
+    """A rollback un-applies the steps since the snapshot; an EMA fed by the step hook must not
+    keep them (twice, after the replay): it equals the EMA of the run that never saw the batch."""
+    data = _data(10)
+
+    def run(nan_at: set[int], drop: set[int]) -> tuple[Any, nn.Module]:
+        m = _bn_model()
+        opt = SYNC_OPT[sync](m.parameters())
+        ema = torch.optim.swa_utils.AveragedModel(
+            m, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9)
+        )
+        cfg = GuardConfig(snapshot_every=3, responses={"nonfinite": ("rollback", "abort")})
+        guard = _guard(m, opt, None, sync, config=cfg)
+        guard.register_step_hook(lambda r: ema.update_parameters(m))
+        while guard.position < len(data):
+            i = guard.position
+            if i in drop:
+                guard.drop_batch()
+                continue
+            x, y = data[i]
+            loss = nn.functional.mse_loss(m(_poisoned(x) if i in nan_at else x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+        guard.flush()
+        return ema, m
+
+    ema_a, a = run({5}, set())
+    ema_b, b = run(set(), {5})
+    assert_same(a.state_dict(), b.state_dict(), "model")
+    assert int(ema_a.n_averaged) == int(ema_b.n_averaged) == 9
+    assert_same(ema_a.state_dict(), ema_b.state_dict(), "ema")
+
+
 # --- GuardAbort leaves the last good state ------------------------------------------------------
 
 
