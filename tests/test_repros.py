@@ -8,6 +8,7 @@ tested as the CPU runs it (``lazy``: flags read at the end of the step) and as C
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -727,3 +728,57 @@ def test_sparse_adam_with_a_sparse_embedding_can_be_guarded() -> None:
     assert actions[3] == "skip"
     assert_same(a.state_dict(), b.state_dict(), "model")
     assert_same(oa.state_dict(), ob.state_dict(), "optimizer")
+
+
+# --- found while writing these tests: resuming from a checkpoint taken anywhere -----------------
+
+
+@pytest.mark.parametrize("sync", ["step", "lazy", "late"])
+@pytest.mark.parametrize("cut", [5, 6, 7, 9])
+def test_resume_from_a_checkpoint_taken_inside_a_streak_equals_the_uninterrupted_run(
+    sync: str, cut: int
+) -> None:
+    """NaN batches at 5-8 (three skips, then a rollback to the snapshot of position 4); the run
+    is checkpointed (model, optimizer, scheduler, then guard) at position ``cut``: before the
+    streak, inside it, or just after the rollback's batch (the sync-free mode has not acted on
+    it yet). A run resumed from it ends where the uninterrupted run ends."""
+    data = _data(12)
+
+    def build() -> tuple[nn.Module, Any, Any, Guard]:
+        m = _bn_model()
+        opt = torch.optim.AdamW(m.parameters(), lr=0.01, fused=sync != "step")
+        sched = S.OneCycleLR(opt, 0.01, total_steps=20)
+        cfg = GuardConfig(snapshot_every=4, responses={"nonfinite": ("skip", "rollback", "abort")})
+        return m, opt, sched, _guard(m, opt, sched, sync, config=cfg)
+
+    def train(m: nn.Module, opt: Any, guard: Guard, upto: int) -> None:
+        while guard.position < upto:
+            i = guard.position
+            x, y = data[i]
+            loss = nn.functional.mse_loss(m(_poisoned(x) if 5 <= i <= 8 else x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+
+    def state(m: nn.Module, opt: Any, sched: Any) -> dict[str, Any]:
+        return {"model": m.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+
+    m, opt, sched, guard = build()
+    train(m, opt, guard, len(data))
+    guard.flush()
+    assert guard.skip_list.windows == [(5, 8)]
+    uninterrupted = state(m, opt, sched)
+
+    m, opt, sched, guard = build()
+    train(m, opt, guard, cut)
+    ckpt = copy.deepcopy(state(m, opt, sched))  # saved in this order, each at once
+    ckpt["guard"] = copy.deepcopy(guard.state_dict())
+    m, opt, sched, guard = build()
+    m.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
+    guard.load_state_dict(ckpt["guard"])
+    train(m, opt, guard, len(data))
+    guard.flush()
+    assert guard.skip_list.windows == [(5, 8)]
+    assert_same(state(m, opt, sched), uninterrupted, "resumed vs uninterrupted")
