@@ -124,6 +124,10 @@ def _cmd_lab(args: argparse.Namespace) -> int:
         if len(chosen) > 1:
             raise UsageError("run `gradguard lab stability` on its own (it takes minutes)")
         return _cmd_lab_stability(args)
+    if "transformer" in chosen:
+        if len(chosen) > 1:
+            raise UsageError("run `gradguard lab transformer` on its own (it takes minutes)")
+        return _cmd_lab_transformer(args)
     names = list(EXPERIMENTS) if "all" in chosen else list(dict.fromkeys(chosen))
     out = _out_dir(args.out)
     console = _console()
@@ -187,6 +191,31 @@ def _cmd_lab_stability(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_lab_transformer(args: argparse.Namespace) -> int:
+    """Transformer instabilities: the LR sweep per remedy and the early-warning lead times."""
+    from gradguard.lab import transformer
+
+    out = _out_dir(args.out)
+    seeds = args.seeds if args.seeds is not None else 1
+    mode = " --quick" if args.quick else ""
+    command = f"gradguard lab transformer{mode} --seeds {seeds} --out {args.out}"
+    t0 = time.perf_counter()
+    with _progress() as progress:
+        result = transformer.run(
+            seeds=seeds, quick=args.quick, out=out, ticker=RichTicker(progress), command=command
+        )
+    seconds = time.perf_counter() - t0
+    console = _console()
+    console.rule(escape(f"lab transformer: {result.title}"))
+    console.print(f"[bold]setup[/bold]: {escape(result.setup)}")
+    console.print(_table(f"transformer ({seconds:.1f} s)", result.columns, result.rows))
+    console.print(escape(result.summary))
+    console.print(
+        f"results: {out}/transformer.md (tables), transformer-*.png, transformer-runs.json"
+    )
+    return EXIT_OK if result.passed else EXIT_FAILURE
+
+
 # -- demo --------------------------------------------------------------------------------------
 
 
@@ -209,6 +238,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         console.print(escape(line))
     console.print(f"records: {result.records_path}")
     console.print(f"report:  {result.report_path}")
+    for bundle in result.bundles:
+        console.print(f"incident bundle: {bundle}")
+        console.print(
+            escape(f"  why it happened: gradguard replay {bundle} --factory {result.factory}:make")
+        )
     return EXIT_OK if result.guarded_ok else EXIT_FAILURE
 
 
@@ -457,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab = sub.add_parser(
         "lab",
-        help="run the reproducible experiments (chain, vectors, remedies, rnn, spike, stability)",
+        help="run the reproducible experiments (chain, vectors, remedies, rnn, spike, stability, "
+        "transformer)",
         description=(
             "Small, seeded experiments, each printing its setup, its success criterion and a\n"
             "table, and writing figures, JSON and markdown to --out:\n"
@@ -468,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  spike     tiny transformer LM with poisoned batches, unguarded vs guarded\n"
             "  all       all of the above (--quick: a few minutes on 2 CPU cores)\n"
             "  stability the stability benchmark: every peer and gradguard on scenarios S1-S7\n"
-            "            (run on its own; --quick about 5 minutes, full about 30, 2 cores)"
+            "            (run on its own; --quick about 5 minutes, full about 30, 2 cores)\n"
+            "  transformer  tiny char-GPT LR sweep per transformer remedy, attention-logit\n"
+            "            growth and early-warning lead times (run on its own; --quick minutes)"
         ),
         epilog=EPILOG,
         formatter_class=fmt,
@@ -477,8 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
         "experiments",
         nargs="*",
         metavar="EXPERIMENT",
-        choices=[*EXPERIMENTS, "all", "stability"],
-        help=f"one or more of {', '.join(EXPERIMENTS)}, all (default: all); or stability",
+        choices=[*EXPERIMENTS, "all", "stability", "transformer"],
+        help=f"one or more of {', '.join(EXPERIMENTS)}, all (default: all); or stability, "
+        "or transformer",
     )
     lab.add_argument(
         "--seeds",

@@ -49,6 +49,17 @@ COLUMNS = [
     "seconds",
 ]
 DEPTH = 10
+# The model factory `gradguard replay` needs, written next to the records.
+FACTORY = """\"\"\"The demo's model, for `gradguard replay BUNDLE --factory demo_model.py:make`.\"\"\"
+
+import math
+
+from gradguard.lab.models import deep_mlp
+
+
+def make():
+    return deep_mlp(depth={depth}, gain=math.sqrt(2.0), seed={seed})
+"""
 LR = 0.02
 BATCH = 64
 
@@ -126,6 +137,8 @@ class DemoResult:
     unguarded_records_path: Path
     report_path: Path | None
     plan: dict[int, str] = field(default_factory=dict)
+    bundles: list[Path] = field(default_factory=list)
+    factory: Path | None = None
 
     @property
     def guarded_ok(self) -> bool:
@@ -175,6 +188,9 @@ class _Run:
                     SpikeDetector("grad_norm", window=64, z=6.0, warmup=warm),
                 ],
                 snapshot_every=max(5, steps // 20),
+                # One incident bundle (the first), for `gradguard replay` (docs/replay.md).
+                incident_dir=str(out / "incidents"),
+                incident_max=1,
             )
             self.guard = Guard(self.model, self.opt, config=config, recorder=self.recorder)
         self.iterations = 0
@@ -199,7 +215,7 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.guard is not None:
-            self.guard.step(loss)
+            self.guard.step(loss, batch=(xb, yb))
         else:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             total = grad_norms(grads).total
@@ -276,6 +292,10 @@ def run(
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
+    for old in (out / "incidents").glob("incident-*.pt"):
+        old.unlink()  # a rerun's bundles only
+    factory = out / "demo_model.py"
+    factory.write_text(FACTORY.format(depth=DEPTH, seed=seed))
     plan = poison_plan(steps)
     torch.manual_seed(seed)
     runs = (
@@ -308,4 +328,6 @@ def run(
         unguarded_records_path=runs[0].path,
         report_path=report_path,
         plan=plan,
+        bundles=sorted((out / "incidents").glob("incident-*.pt")),
+        factory=factory,
     )

@@ -898,6 +898,8 @@ class _Case:
             r.notes.append(f"per-sample analysis failed: {r.rows[0]['error']}")
         elif len(r.rows) < n:
             r.notes.append(f"per-sample analysis covered the first {len(r.rows)} of {n} rows")
+        if self.whole_batch():
+            return True
         # The fewest suspects, worst first, without which the step is sane: a row can be an
         # outlier by chance (squared errors vary), but then removing it is not needed.
         suspects = _suspects(r.rows, nonfinite_rows, self.factor)
@@ -939,6 +941,27 @@ class _Case:
             + f". Without {'that row' if len(culprits) == 1 else 'those rows'} the step is sane"
             f" (loss {_g(without.loss)}, gradient norm {_g(without.grad_norm)}). Skip or clean"
             " these samples.",
+        )
+
+    def whole_batch(self) -> bool:
+        """Every row is extreme against the last steps' losses while the weights are finite:
+        the batch itself is off (targets or inputs scaled), not one sample. The last accepted
+        step, one update earlier with nearly these weights, was sane."""
+        r = self.result
+        rows = [x for x in r.rows if "error" not in x]
+        if not rows or not self.ref_loss or len(rows) < (self.n or 0):
+            return False
+        # Finite rows only: a NaN/inf born inside an op is the numerics check's to name.
+        if not all(_fin(x["loss"]) and abs(x["loss"]) > self.factor * self.ref_loss for x in rows):
+            return False
+        r.culprits = [x["row"] for x in rows]
+        low = min(abs(x["loss"]) for x in rows)
+        return self.decide(
+            "data",
+            f" went wrong because of the data: every row of the batch is off, not one sample: "
+            f"the smallest per-row loss is {_g(low)}, {_g(low / self.ref_loss)} times the median "
+            f"loss of the last steps ({_g(self.ref_loss)}), and the weights are finite. Look at "
+            "how this batch was made (scaled targets or inputs, a wrong file); skip it.",
         )
 
     def numerics(self) -> bool:
