@@ -84,7 +84,6 @@ class ClipPolicy(Stateful, ABC):
         >>> c = Half().clip_(grads, grad_norms(grads))   # every step halves the total norm
     """
 
-
     @abstractmethod
     def threshold(self, norms: GradNorms) -> Tensor | list[Tensor]:
         """The clipping threshold(s) for this step; pure, on the device; ``+inf``: no clipping.
