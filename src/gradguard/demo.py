@@ -50,7 +50,7 @@ COLUMNS = [
 ]
 DEPTH = 10
 # The model factory `gradguard replay` needs, written next to the records.
-FACTORY = """\"\"\"The demo's model, for `gradguard replay BUNDLE --factory demo_model.py:make`.\"\"\"
+FACTORY = """\"\"\"The demo's model: `gradguard replay BUNDLE --factory demo_model.py:make`.\"\"\"
 
 import math
 

@@ -663,6 +663,8 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
         start: the position of the first item.
         position: ``() -> int``, the position whose items come next (``None``: count items).
         drop: ``() -> int``, moves the position past an item left out (position-driven only).
+        version: ``() -> Any``, changes when a bad window is added (the guard's skip list), so
+            the items of a new window are remembered even when the guard lands on the next item.
 
     Example:
         >>> loader = DataLoader(ds, batch_sampler=guard.skip_sampler(BatchSampler(s, 32, False)))
@@ -676,6 +678,7 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
         start: int = 0,
         position: Callable[[], int] | None = None,
         drop: Callable[[], int] | None = None,
+        version: Callable[[], Any] | None = None,
     ) -> None:
         if not callable(should_skip):
             raise TypeError("should_skip must be callable")
@@ -691,6 +694,7 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
         self.per_step = per_step
         self.position = position
         self.drop = drop
+        self.version = version
         self.bad: set[Any] = set()  # keys of items found in bad windows
         self.count = start * per_step  # items enumerated so far, skipped ones included
         # Position-driven mode: the epochs drawn so far, as (first position, items), newest last.
@@ -713,12 +717,15 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
         self._epochs = [*self._epochs[-1:], (cursor, items)]
         end = cursor + -(-len(items) // self.per_step)
         seen: int | None = None  # the guard's position when the last item was handed out
+        known = self.version() if self.version is not None else None
         while True:
             now = self.position()
+            new = self.version() if self.version is not None else None
+            if self.drop is not None and (now not in (seen, cursor) or new != known):
+                self._remember_bad(max(cursor, now))  # a rollback added a bad window
+            known = new
             if now not in (seen, cursor):
                 # The guard moved elsewhere than the next item: a rollback (or a resume).
-                if self.drop is not None:
-                    self._remember_bad(max(cursor, now))
                 cursor, sub = now, 0
             while self.should_skip(cursor):
                 cursor, sub = cursor + 1, 0

@@ -142,7 +142,7 @@ class GroupState:
             for g in optimizer.param_groups
         ]
         self.scheduler = (
-            copy.deepcopy(type(scheduler).state_dict(scheduler)) if scheduler is not None else None
+            copy.deepcopy(scheduler_state(scheduler)) if scheduler is not None else None
         )
 
     def restore(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
@@ -235,9 +235,38 @@ def scaler_update(scaler: Any, guard_skipped: Tensor | bool, sync: bool) -> None
     tracker.copy_(torch.where(flag, kept[1], tracker))
 
 
+def _ours(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn._gradguard = True  # type: ignore[attr-defined]
+    return fn
+
+
+def scheduler_state(scheduler: Any) -> dict[str, Any]:
+    """``scheduler.state_dict()`` by the class's own method, without the guard's instance
+    patches (an LRScheduler's state is its ``__dict__``, patches included)."""
+    state = type(scheduler).state_dict(scheduler)
+    return {k: v for k, v in state.items() if not getattr(v, "_gradguard", False)}
+
+
+def settle_on_read(scheduler: Any, settle: Callable[[], None]) -> None:
+    """Make ``scheduler.state_dict()`` and ``get_last_lr()`` settle a pending guarded step
+    first, so that between steps they never show a scheduler step taken on a wrong guess
+    (an LRScheduler has no state-dict hook to do it)."""
+
+    def state_dict() -> dict[str, Any]:
+        settle()
+        return scheduler_state(scheduler)
+
+    def get_last_lr() -> list[Any]:
+        settle()
+        return type(scheduler).get_last_lr(scheduler)  # type: ignore[no-any-return]
+
+    scheduler.state_dict = _ours(state_dict)
+    scheduler.get_last_lr = _ours(get_last_lr)
+
+
 def noop_scheduler_step(scheduler: Any) -> Callable[[], None]:
     """Make ``scheduler.step()`` a no-op until the returned function is called."""
-    scheduler.step = lambda *a, **k: None
+    scheduler.step = _ours(lambda *a, **k: None)
 
     def undo() -> None:
         if "step" in vars(scheduler):
