@@ -442,6 +442,23 @@ def test_qk_clip_caps_each_head_at_tau(build: Any) -> None:
     assert _output(model(x)).shape == out_shape
 
 
+def test_qk_clip_does_nothing_on_a_skipped_step_and_syncs_nothing() -> None:
+    model = tiny_lm()
+    _scaled_qk_(model, 6.0)
+    tel = AttentionTelemetry(model)
+    model(tokens())
+    before = [p.detach().clone() for p in model.parameters()]
+    clip = QKClip(tel, tau=1.0)
+    with C.no_host_sync():
+        factors = clip(applied=torch.tensor(False))
+    assert all(bool((f == 1).all()) for f in factors.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model(tokens())
+    with C.no_host_sync():
+        clip(applied=torch.tensor(True))
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_qk_clip_refuses_unknown_layouts() -> None:
     model = insert_qk_norm(tiny_lm())
     with pytest.raises(TypeError, match="cannot rescale"):
@@ -604,3 +621,48 @@ def test_diagnose_ranks_probed_transformer_remedies() -> None:
     parts = {r["part"] for r in d.to_rows()}
     assert {"block", "transformer_remedy"} <= parts
     assert d.to_dict()["transformer_remedies"][0]["applicable"] is True
+
+
+# ------------------------------------------------------------------------------ lab
+
+
+def test_lab_spike_step() -> None:
+    from gradguard.lab.transformer import spike_step
+
+    assert spike_step([4.0, 3.0, 2.5] + [2.5] * 10 + [3.6]) == 13
+    assert spike_step([4.0] * 5 + [math.nan] * 10) == 10  # non-finite counts, after step 10
+    assert spike_step([4.0 - 0.1 * i for i in range(20)]) is None
+
+
+def test_lab_run_one_is_deterministic_and_measures() -> None:
+    from gradguard.lab.transformer import run_one
+
+    a = run_one("qk-clip", 0.3, 0, quick=True, steps=6)
+    b = run_one("qk-clip", 0.3, 0, quick=True, steps=6)
+    assert a.losses == b.losses and a.max_logits == b.max_logits and a.warnings == b.warnings
+    assert len(a.losses) == len(a.max_logits) == len(a.logz) == 6
+    assert set(a.warnings) == {"attn_logit", "logz", "adam_lag"}
+    for remedy in ("qk-layernorm", "z-loss", "soft-cap"):
+        r = run_one(remedy, 3e-3, 0, quick=True, steps=2)
+        assert math.isfinite(r.final) and r.remedy == remedy
+    with pytest.raises(ValueError, match="remedy"):
+        run_one("dropout")
+
+
+def test_lab_tables_from_runs() -> None:
+    from gradguard.lab.transformer import Run, _false_alarms, _lead_rows
+
+    def make(scenario: str, lr: float, spike: int | None, warn: list[int]) -> Run:
+        return Run(scenario, "none", lr, 0, 100, 4.5, 3.0, [], [], [], {"attn_logit": warn}, spike)
+
+    runs = [make("S3w", 1.0, 30, [6, 7]), make("S3w", 0.3, None, [18]), make("S6", 3e-3, None, [])]
+    rows, leads = _lead_rows(runs)
+    assert leads["attn_logit"] == [24] and rows[0][3] == "6 (lead 24)" and rows[1][2] == "-"
+    steps, alarms = _false_alarms([*runs, make("S3", 1e-2, None, [50])])
+    assert steps == 200 and alarms["attn_logit"] == 1
+
+
+def test_cli_lab_transformer_runs_alone() -> None:
+    from gradguard.cli import main
+
+    assert main(["lab", "transformer", "chain", "--out", "/nonexistent-never-written"]) == 2

@@ -387,27 +387,43 @@ class QKClip:
                 raise TypeError(f"QKClip cannot rescale {name} ({type(m).__name__})")
         self.factors: dict[str, Tensor] = {}
 
-    def __call__(self, report: Any = None) -> dict[str, Tensor]:
-        """Clip after a step (the guard's step hook passes its report, unused)."""
+    def __call__(self, report: Any = None, applied: Tensor | None = None) -> dict[str, Tensor]:
+        """Clip after a step.
+
+        Args:
+            report: the guard's step report (its step hook passes one; unused).
+            applied: 0-dim bool on the device, False when the step was skipped (then nothing
+                changes); lets a hook that runs on every step stay free of host syncs.
+
+        Returns:
+            Each layer's per-head logit factor (empty when there was no new measurement).
+        """
         tel = self.telemetry
         if tel.generation == self._used:
             return {}
         self._used = tel.generation
-        self.factors = self.apply_(tel.layers, tel.max_logits)
+        self.factors = self.apply_(tel.layers, tel.max_logits, applied)
         return self.factors
 
     @torch.no_grad()
     def apply_(
-        self, layers: dict[str, nn.Module], max_logits: dict[str, Tensor]
+        self,
+        layers: dict[str, nn.Module],
+        max_logits: dict[str, Tensor],
+        applied: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Rescale ``W_q``/``W_k`` of the heads above ``tau``; returns each layer's per-head
-        logit factor ``min(1, tau / max_logit)`` (1 for non-finite or non-positive maxima)."""
+        logit factor ``min(1, tau / max_logit)`` (1 for non-finite or non-positive maxima, and
+        everywhere when ``applied`` is False)."""
         out: dict[str, Tensor] = {}
         for name, m in layers.items():
             mx = max_logits.get(name)
             if mx is None:
                 continue
-            f = torch.where(mx.isfinite() & (mx > 0), (self.tau / mx).clamp(max=1.0), 1.0)
+            ok = mx.isfinite() & (mx > 0)
+            if applied is not None:
+                ok = ok & applied.to(mx.device, torch.bool)
+            f = torch.where(ok, (self.tau / mx).clamp(max=1.0), 1.0)
             _scale_heads_(m, f)
             out[name] = f
         return out
