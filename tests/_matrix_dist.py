@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradguard.guard import Guard, GuardConfig
+from gradguard.response import Budgets
 from tests._matrix_util import make_deferred
 
 POSITIONS = 20
@@ -29,7 +30,7 @@ def _run(rank: int, sync: str, bad: bool, drop: set[int]) -> dict[str, Any]:
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)  # the docs' recipe: lazy
-    guard = Guard(model, opt, config=GuardConfig(snapshot_every=5))
+    guard = Guard(model, opt, config=GuardConfig(snapshot_every=5, budgets=Budgets(skip=3)))
     if sync == "late":
         make_deferred(guard)  # flags read one step late, as on CUDA
     actions: list[str] = []

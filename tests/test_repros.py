@@ -457,7 +457,13 @@ def test_r12_skip_sampler_replays_like_the_position_driven_loop(sync: str) -> No
         torch.manual_seed(0)
         m = nn.Linear(4, 2)
         opt = torch.optim.AdamW(m.parameters(), lr=0.01, fused=sync != "step")
-        return m, opt, _guard(m, opt, None, sync, config=GuardConfig(snapshot_every=4))
+        return (
+            m,
+            opt,
+            _guard(
+                m, opt, None, sync, config=GuardConfig(snapshot_every=4, budgets=Budgets(skip=3))
+            ),
+        )
 
     m, opt, guard = make()
     sampler = guard.skip_sampler(BatchSampler(SequentialSampler(range(160)), 8, False))
@@ -508,7 +514,9 @@ def test_sampler_snip_second_epoch_leaves_the_bad_window_out_by_identity(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, optimizer, config=GuardConfig(snapshot_every=snapshot_every))
+    guard = Guard(
+        model, optimizer, config=GuardConfig(snapshot_every=snapshot_every, budgets=Budgets(skip=3))
+    )
     # Verbatim from docs/guard.md.
     loader = DataLoader(
         ds, batch_sampler=guard.skip_sampler(BatchSampler(SequentialSampler(ds), 32, False))
@@ -606,7 +614,7 @@ def test_ema_through_the_step_hook_forgets_rolled_back_steps(sync: str) -> None:
         )
         cfg = GuardConfig(snapshot_every=3, responses={"nonfinite": ("rollback", "abort")})
         guard = _guard(m, opt, None, sync, config=cfg)
-        guard.register_step_hook(lambda r: ema.update_parameters(m))
+        guard.register_step_hook(lambda r: ema.update_parameters(m), state=ema)
         while guard.position < len(data):
             i = guard.position
             if i in drop:
@@ -748,7 +756,11 @@ def test_resume_from_a_checkpoint_taken_inside_a_streak_equals_the_uninterrupted
         m = _bn_model()
         opt = torch.optim.AdamW(m.parameters(), lr=0.01, fused=sync != "step")
         sched = S.OneCycleLR(opt, 0.01, total_steps=20)
-        cfg = GuardConfig(snapshot_every=4, responses={"nonfinite": ("skip", "rollback", "abort")})
+        cfg = GuardConfig(
+            snapshot_every=4,
+            responses={"nonfinite": ("skip", "rollback", "abort")},
+            budgets=Budgets(skip=3),
+        )
         return m, opt, sched, _guard(m, opt, sched, sync, config=cfg)
 
     def train(m: nn.Module, opt: Any, guard: Guard, upto: int) -> None:
