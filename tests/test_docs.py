@@ -100,10 +100,7 @@ def _runnable(page: str) -> list[Block]:
 
 # Pages whose blocks fail today, on pages this test's author does not own; strict: the test
 # fails as soon as a page works, so the entry goes when its page is fixed.
-KNOWN_BROKEN = {
-    "probe.md": "the trace block uses the probe the first block closed, and the first block "
-    "never closes its recorder (an open file)",
-}
+KNOWN_BROKEN: dict[str, str] = {}
 
 PAGES_WITH_CODE = [
     pytest.param(p, marks=pytest.mark.xfail(reason=KNOWN_BROKEN[p], strict=True))
