@@ -383,7 +383,7 @@ NO_SCALAR_ARGS = {
     "save_snapshot", "set_rng_state", "to_cpu", "Diagnosis", "diagnose", "Guard", "StepReport",
     "GuardAbort", "ConsoleSink", "CsvSink", "NonFiniteOrigin", "NonFiniteTrace", "TensorState",
     "read_csv", "Stage", "Named", "Bundle", "BundleError", "load_bundle", "Replay", "replay",
-    "metrics",
+    "metrics", "WandbSink", "MlflowSink",
 }  # fmt: skip
 
 
