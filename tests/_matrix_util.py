@@ -104,6 +104,6 @@ def make_deferred(guard: Any) -> Any:
     the next ``guard.step``, a ``state_dict()`` or ``settle()``: the one-step-late path whose
     scheduler guess must be undone. Returns the guard.
     """
-    real = guard._stage_bits
-    guard._stage_bits = lambda flags: (real(flags)[0], _LateEvent())
+    real = guard._to_host
+    guard._to_host = lambda flags: (real(flags)[0], _LateEvent())
     return guard

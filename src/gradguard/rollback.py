@@ -578,6 +578,32 @@ class SnapshotStore:
                 return snap
         return None
 
+    def agreed(
+        self, max_position: int | None, group: Any = None, device: Any = "cpu"
+    ) -> dict[str, Any] | None:
+        """The newest snapshot (data position ``<= max_position``) every rank can read: the
+        same step on all ranks of ``group``, or ``None``.
+
+        In memory, or on a single process, that is :meth:`latest`. A disk file may be
+        unreadable on one rank only, and restoring different steps would split the replicas:
+        the ranks agree (all-reduce) on the newest step all of them hold. Steps only go down,
+        so the agreement ends.
+        """
+        from gradguard import _distributed
+
+        snap = self.latest(max_position=max_position)
+        if self.directory is None or _distributed.world_size(group) <= 1:
+            return snap
+        while True:
+            mine = float(snap["step"]) if snap is not None else -1.0
+            ends = torch.tensor([mine, -mine], dtype=torch.float64, device=device)
+            hi, neg_lo = _distributed.agree_(ends, group).tolist()
+            if hi == -neg_lo:
+                return snap
+            if -neg_lo < 0:
+                return None
+            snap = self.latest(max_position=max_position, max_step=int(-neg_lo))
+
     def clear(self) -> None:
         """Forget every snapshot (files on disk are left in place)."""
         self._memory.clear()

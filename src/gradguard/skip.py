@@ -204,6 +204,15 @@ class LRScale:
         return lr * self.scale if self.scale != 1.0 else lr
 
 
+def scaler_unscaled(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` already ran this step (Lightning unscales before
+    its ``on_before_optimizer_step`` hook; unscaling twice raises). GradScaler has no public
+    query for its stage: this reads its per-optimizer record."""
+    states = getattr(scaler, "_per_optimizer_states", {})
+    stage = states.get(id(optimizer), {}).get("stage") if states else None
+    return getattr(stage, "name", "") == "UNSCALED"
+
+
 def scaler_update(scaler: Any, guard_skipped: Tensor | bool, sync: bool) -> None:
     """``scaler.update()`` that does not count a step the guard skipped as a good step.
 
