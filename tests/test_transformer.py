@@ -539,7 +539,9 @@ def test_preconditioner_lag_detector() -> None:
     d = det.check(seq[2])
     assert bool(d.flag) and float(d.score) == pytest.approx(0.01, abs=2e-3)
     state = det.state_dict()
-    assert state == {"factor": 25.0, "max_fraction": 1e-3, "min_step": 10}
+    assert state == {"factor": 25.0, "max_fraction": 1e-3, "min_step": 10, "every": 1}
+    sparse = PreconditionerLagDetector(opt, max_fraction=1e-3, every=2)
+    assert [bool(sparse.check(seq[2]).flag) for _ in range(4)] == [True, False, True, False]
     other = PreconditionerLagDetector()
     other.load_state_dict(state)
     assert other.factor == 25.0 and other.max_fraction == 1e-3

@@ -453,14 +453,18 @@ def telemetry_cost(model: str = "tiny", steps: int = 20) -> dict[str, float]:
 
     ``model``: ``"tiny"`` (the lab's char-GPT, batch 16 x 32 characters) or ``"gpt2-12"`` (a
     Hugging Face GPT-2 small config: 12 layers, width 768, 12 heads, random init, batch 2 x 128
-    tokens, SDPA attention). The two settings alternate step by step, so a load change hits
-    both alike; the medians are reported. Telemetry: :class:`AttentionTelemetry` measuring every
-    step (``every=k`` divides its share by about k) plus
-    :func:`~gradguard.attention.preconditioner_lag` and a records row.
+    tokens, SDPA attention). Two identical copies train side by side, one with an
+    :class:`AttentionTelemetry` (max logit per layer and head, output log Z, a records row of
+    device tensors every step), their steps alternating so that a load change hits both alike;
+    :func:`~gradguard.attention.preconditioner_lag` is timed on its own, before the telemetry
+    copy's optimizer step. Medians after two warm-up steps.
 
     Returns:
-        ``{"plain_ms", "telemetry_ms", "overhead"}`` (overhead = ratio - 1).
+        ``{"plain_ms", "telemetry_ms", "overhead", "lag_ms"}`` (overhead = ratio - 1, attention
+        and log Z telemetry only).
     """
+    import copy
+
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if model == "tiny":
@@ -479,33 +483,43 @@ def telemetry_cost(model: str = "tiny", steps: int = 20) -> dict[str, float]:
         out_name = None
     else:
         raise ValueError(f"model must be 'tiny' or 'gpt2-12', got {model!r}")
-    net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    from gradguard.attention import preconditioner_lag
 
-    def step(tel: AttentionTelemetry | None) -> float:
+    net.train()
+    twin = copy.deepcopy(net)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (net, twin)]
+    tel = AttentionTelemetry(twin, output=out_name)
+
+    def step(m: torch.nn.Module, opt: torch.optim.Optimizer, lag: list[float] | None) -> float:
         t0 = time.perf_counter()
-        out = net(x)
+        out = m(x)
         logits = out if isinstance(out, Tensor) else out.logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         loss.backward()
-        if tel is not None:
-            from gradguard.attention import preconditioner_lag
-
-            preconditioner_lag(opt)
+        if lag is not None:
             tel.row(per_head=True)  # device tensors, read back at the recorder's flush
+            t1 = time.perf_counter()
+            preconditioner_lag(opt, min_step=0)
+            lag.append((time.perf_counter() - t1) * 1e3)
+            t0 += time.perf_counter() - t1
         opt.step()
         opt.zero_grad(set_to_none=True)
         return (time.perf_counter() - t0) * 1e3
 
     plain: list[float] = []
     with_tel: list[float] = []
+    lags: list[float] = []
     for i in range(steps + 2):
-        a = step(None)
-        tel = AttentionTelemetry(net, output=out_name)
-        b = step(tel)
-        tel.remove()
+        a = step(net, opts[0], None)
+        b = step(twin, opts[1], lags)
         if i >= 2:  # warm-up
             plain.append(a)
             with_tel.append(b)
+    tel.remove()
     p, t = statistics.median(plain), statistics.median(with_tel)
-    return {"plain_ms": p, "telemetry_ms": t, "overhead": t / p - 1.0}
+    return {
+        "plain_ms": p,
+        "telemetry_ms": t,
+        "overhead": t / p - 1.0,
+        "lag_ms": statistics.median(lags[2:]),
+    }
