@@ -668,3 +668,22 @@ def test_cli_lab_transformer_runs_alone() -> None:
     from gradguard.cli import main
 
     assert main(["lab", "transformer", "chain", "--out", "/nonexistent-never-written"]) == 2
+
+
+def test_attention_logit_growth_trigger_fires_before_the_limit() -> None:
+    seq = C.signal_sequence(90)
+    fake = FakeTelemetry()
+
+    def fast(det: Any, step: int) -> None:  # 50 % a step from step 60: 1.5^3 > 3
+        fake.value = torch.tensor(5.0 * 1.5 ** max(0, step - 60))
+
+    # window 256: the z-score rule is still warming up (it needs 128 values)
+    got = C.drive_detector(AttentionLogitDetector(fake, 30.0, window=256), seq, hook=fast)
+    assert next(i for i, d in enumerate(got) if bool(d.flag)) == 63  # the limit: step 65
+    off = AttentionLogitDetector(fake, 30.0, window=256, growth=None)
+    off = C.drive_detector(off, seq, hook=fast)
+    assert next(i for i, d in enumerate(off) if bool(d.flag)) == 65
+    with pytest.raises(ValueError, match="growth"):
+        AttentionLogitDetector(fake, growth=1.0)
+    with pytest.raises(ValueError, match="growth_steps"):
+        AttentionLogitDetector(fake, window=8, growth_steps=8)

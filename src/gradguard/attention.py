@@ -481,11 +481,14 @@ class _Patch:
 
 class _SignalSpike(SpikeDetector):
     """A :class:`~gradguard.detect.SpikeDetector` over a telemetry value instead of loss or
-    gradient norm: flags when the value exceeds ``limit`` or its log jumps ``z`` sigma above its
-    accepted history."""
+    gradient norm: flags when the value exceeds ``limit``, when its log jumps ``z`` sigma above
+    its accepted history, or (with ``growth``) when it is above ``floor`` and ``growth`` times
+    its value ``growth_steps`` accepted steps before (read from the same history)."""
 
     default_response: ClassVar[tuple[str, ...] | None] = ("log",)
-    _config_keys = ("limit", "window", "z", "warmup", "min_std")  # type: ignore[assignment]
+    _config_keys = (  # type: ignore[assignment]
+        "limit", "window", "z", "warmup", "min_std", "growth", "growth_steps", "floor",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -495,6 +498,9 @@ class _SignalSpike(SpikeDetector):
         z: float = 6.0,
         warmup: int | None = None,
         min_std: float = 1e-2,
+        growth: float | None = None,
+        growth_steps: int = 3,
+        floor: float = 0.0,
     ) -> None:
         super().__init__("loss", window=window, z=z, warmup=warmup, log=True, min_std=min_std)
         # The spike machinery needs a signal name; the guard keys a detector by name:signal
@@ -504,6 +510,30 @@ class _SignalSpike(SpikeDetector):
         self.limit = _validate.as_float("limit", limit)
         if not self.limit > 0:
             raise ValueError(f"limit must be > 0, got {limit!r}")
+        if growth is not None:
+            growth = _validate.as_float("growth", growth)
+            if not growth > 1.0:
+                raise ValueError(f"growth must be > 1 (or None), got {growth!r}")
+        self.growth = growth
+        if (
+            isinstance(growth_steps, bool)
+            or not isinstance(growth_steps, int)
+            or not 1 <= growth_steps < self.window
+        ):
+            raise ValueError(f"growth_steps must be an int in [1, window), got {growth_steps!r}")
+        self.growth_steps = growth_steps
+        self.floor = _validate.threshold("floor", floor)
+
+    def _grew(self, x: Tensor) -> Tensor:
+        """Above ``floor`` and ``growth`` x the stored value ``growth_steps`` back; pure."""
+        if self.growth is None:
+            return torch.zeros((), dtype=torch.bool, device=x.device)
+        st = self._ensure(x)
+        buf, count = st["buffer"], st["count"]
+        back = buf[(count - self.growth_steps) % self.window]
+        floor = math.log(self.floor) if self.floor > 0 else -math.inf
+        jump = (x - back > math.log(self.growth)) & (x > floor)
+        return jump & (count >= self.growth_steps) & x.isfinite()
 
     def _raw(self, s: Signals) -> Tensor | None:
         raise NotImplementedError
@@ -523,7 +553,7 @@ class _SignalSpike(SpikeDetector):
             )
         z = self.score(s)
         over = x > math.log(self.limit) if math.isfinite(self.limit) else torch.zeros_like(z > 0)
-        flag = (z > self.z) | over
+        flag = (z > self.z) | over | self._grew(x)
         return Detection(flag, torch.where(over, torch.full_like(z, math.inf), z))
 
     def update(self, s: Signals, accepted: Tensor) -> None:
@@ -536,12 +566,16 @@ class _SignalSpike(SpikeDetector):
         super().update(s, ok)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(limit={self.limit}, window={self.window}, z={self.z})"
+        return (
+            f"{type(self).__name__}(limit={self.limit}, window={self.window}, z={self.z}, "
+            f"growth={self.growth}, growth_steps={self.growth_steps}, floor={self.floor})"
+        )
 
 
 class AttentionLogitDetector(_SignalSpike):
     """Early warning of attention-logit growth: the max attention logit (all layers and heads)
-    above ``limit``, or its log ``z`` sigma above its recent history.
+    above ``limit``, tripling (``growth``) within ``growth_steps`` steps from above ``floor``, or
+    its log ``z`` sigma above its recent history.
 
     Reads :class:`AttentionTelemetry` (give it as ``telemetry``); the guard calls ``check`` after
     the backward, when the telemetry holds this step's forward. Attention entropy collapses
@@ -554,6 +588,13 @@ class AttentionLogitDetector(_SignalSpike):
         limit: flag above this max logit (``> 0``; ``inf``: z-score only).
         window, z, warmup, min_std: as :class:`~gradguard.detect.SpikeDetector`, on
             ``log(max logit)``.
+        growth: flag when the max logit is this many times its value ``growth_steps``
+            accepted steps before (``> 1``; ``None``: off). The defaults (3x within 3 steps,
+            above 5) warned 2-7 steps earlier than the limit alone on the lab's diverging runs
+            and never in its 10,800 clean steps (docs/transformer.md).
+        growth_steps: how far back ``growth`` compares (``1 <= growth_steps < window``).
+        floor: ``growth`` counts only above this max logit (``>= 0``): early training moves
+            small logits by large factors.
 
     Example:
         >>> det = AttentionLogitDetector(tel, limit=50.0)
@@ -570,8 +611,11 @@ class AttentionLogitDetector(_SignalSpike):
         z: float = 6.0,
         warmup: int | None = None,
         min_std: float = 1e-2,
+        growth: float | None = 3.0,
+        growth_steps: int = 3,
+        floor: float = 5.0,
     ) -> None:
-        super().__init__(telemetry, limit, window, z, warmup, min_std)
+        super().__init__(telemetry, limit, window, z, warmup, min_std, growth, growth_steps, floor)
 
     def _raw(self, s: Signals) -> Tensor | None:
         return None if self.source is None else self.source.max_logit()
@@ -586,6 +630,7 @@ class LogZDetector(_SignalSpike):
         limit: flag above this ``|log Z|`` (``> 0``).
         window, z, warmup, min_std: as :class:`~gradguard.detect.SpikeDetector`, on
             ``log |log Z|``.
+        growth, growth_steps, floor: as :class:`AttentionLogitDetector` (off by default).
     """
 
     name: ClassVar[str] = "logz"
@@ -598,8 +643,11 @@ class LogZDetector(_SignalSpike):
         z: float = 6.0,
         warmup: int | None = None,
         min_std: float = 1e-2,
+        growth: float | None = None,
+        growth_steps: int = 3,
+        floor: float = 0.0,
     ) -> None:
-        super().__init__(telemetry, limit, window, z, warmup, min_std)
+        super().__init__(telemetry, limit, window, z, warmup, min_std, growth, growth_steps, floor)
 
     def _raw(self, s: Signals) -> Tensor | None:
         if self.source is None or self.source.logz_max is None:
