@@ -457,12 +457,29 @@ def scenario_rows(result: StabilityResult, scenario: str) -> list[list[str]]:
     return rows
 
 
+def _style(methods: Sequence[str], method: str) -> dict[str, Any]:
+    """One colour per method (tab10, then Dark2); gradguard thick and dashed, baselines dotted."""
+    import matplotlib
+
+    colors = [matplotlib.colormaps["tab10"](i) for i in range(10)]
+    colors += [matplotlib.colormaps["Dark2"](i) for i in range(8)]
+    color = colors[methods.index(method) % len(colors)]
+    family = METHODS[method].family
+    if family == "gradguard":
+        return {"color": color, "linewidth": 2.0, "linestyle": "--", "zorder": 3}
+    if family == "baseline":
+        return {"color": color, "linewidth": 1.2, "linestyle": ":"}
+    return {"color": color, "linewidth": 0.9, "linestyle": "-"}
+
+
 def _figures(result: StabilityResult, out: Path) -> list[str]:
     paths: list[str] = []
-    shown = [m for m in result.methods if not is_clip_grid(m) or m == "clip-1"]
+    every = result.methods
     for s in result.scenarios:
+        grid_best = result.best_clip(s)
+        shown = [m for m in every if not is_clip_grid(m) or m in ("clip-1", grid_best)]
         lrs = SCENARIOS[s].settings(result.quick)
-        lr = lrs[len(lrs) // 2] if lrs[0] is not None else None
+        lr = lrs[-2] if len(lrs) > 1 else lrs[0]  # the sweep's curves: where instability shows
         path = out / f"stability-{s}.png"
         with figure(path, width=7.0, height=3.8) as ax:
             for m in shown:
@@ -476,7 +493,7 @@ def _figures(result: StabilityResult, out: Path) -> list[str]:
                 curve = runs[0].losses
                 xs = [i for i, v in enumerate(curve) if math.isfinite(v)]
                 ys = [curve[i] for i in xs]
-                ax.plot(xs, ys, label=m, linewidth=1.4 if "gradguard" in m else 0.8)
+                ax.plot(xs, ys, label=m, **_style(every, m))
             ax.set_yscale("log")
             ax.set_xlabel("step")
             ax.set_ylabel("training loss (log; non-finite not drawn)")
@@ -488,27 +505,20 @@ def _figures(result: StabilityResult, out: Path) -> list[str]:
         lrs = SCENARIOS[s].settings(result.quick)
         if lrs[0] is None:
             continue
+        grid_best = result.best_clip(s)
+        shown = [m for m in every if not is_clip_grid(m) or m in ("clip-1", grid_best)]
         path = out / f"stability-{s}-lr.png"
         with figure(path, width=7.0, height=3.8) as ax:
-            for m in result.methods:
-                if is_clip_grid(m) and m != "clip-1":
-                    continue
+            for m in shown:
                 pts = []
                 for lr in lrs:
                     rs = [r for r in result.runs_of(s, m) if r.lr == lr]
                     if rs:
-                        vals = [
-                            min(r.final_loss, r.initial_loss)
-                            if math.isfinite(r.final_loss)
-                            else r.initial_loss
-                            for r in rs
-                        ]
+                        vals = [min(r.score, r.initial_loss) for r in rs]
                         pts.append((lr, statistics.median(vals)))
                 if pts:
-                    ax.plot(
-                        [p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
-                        linewidth=1.4 if "gradguard" in m else 0.8,
-                    )  # fmt: skip
+                    lr_x, loss_y = [p[0] for p in pts], [p[1] for p in pts]
+                    ax.plot(lr_x, loss_y, marker="o", markersize=3, label=m, **_style(every, m))
             ax.set_xscale("log")
             ax.set_xlabel("peak learning rate")
             ax.set_ylabel("min(final, initial) held-out loss (median)")
@@ -693,7 +703,7 @@ def _lr_table(result: StabilityResult, scenario: str) -> list[str]:
         cells = []
         for lr in lrs:
             rs = [r for r in result.runs_of(scenario, m) if r.lr == lr]
-            cells.append(_num(median([r.final_loss for r in rs]), 3) if rs else "-")
+            cells.append(_num(median([r.score for r in rs]), 3) if rs else "-")
         if any(c != "-" for c in cells):
             rows.append([m, *cells])
     return _md_table(["method", *(f"lr {lr:g}" for lr in lrs)], rows)
