@@ -687,3 +687,28 @@ def test_attention_logit_growth_trigger_fires_before_the_limit() -> None:
         AttentionLogitDetector(fake, growth=1.0)
     with pytest.raises(ValueError, match="growth_steps"):
         AttentionLogitDetector(fake, window=8, growth_steps=8)
+
+
+def test_two_telemetries_and_a_deep_copy_stay_apart() -> None:
+    import copy
+
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+    for build in (tiny_lm, gpt2):
+        model = build()
+        a, b = AttentionTelemetry(model), AttentionTelemetry(model)
+        model(tokens())
+        assert a.max_logits.keys() == b.max_logits.keys() and len(a.max_logits) == 2
+        for name in a.max_logits:
+            assert torch.equal(a.max_logits[name], b.max_logits[name])
+        assert F.scaled_dot_product_attention is original  # both unwrapped, in order
+        # a deep copy carries its own copy of the telemetry: running it changes nothing here
+        twin = copy.deepcopy(model)
+        _scaled_qk_(twin, 10.0)
+        before = {n: v.clone() for n, v in a.max_logits.items()}
+        gen = a.generation
+        twin(tokens())
+        assert a.generation == gen
+        assert all(torch.equal(before[n], a.max_logits[n]) for n in before)
+        assert F.scaled_dot_product_attention is original

@@ -28,9 +28,9 @@ wrapped to see the query and key it is given, after rotary embeddings and with i
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -277,16 +277,24 @@ class AttentionTelemetry:
         self._active = False
         self._current: str | None = None
         self._seen: dict[str, int] = {}  # layer -> generation of its latest measurement
+        self._saved: list[tuple[Any, str, Any]] = []  # what _wrap_attention replaced
         self._handles: list[Any] = []
         self._handles.append(model.register_forward_pre_hook(self._on_model))
         for name, m in self.layers.items():
+            # Hooks are bound methods (partials of them), never closures: a deep copy of the
+            # model then carries a consistent copy of this telemetry instead of closures that
+            # still write into the original.
             if isinstance(m, nn.MultiheadAttention):
-                self._handles.append(
-                    m.register_forward_pre_hook(self._mha_hook(name), with_kwargs=True)
-                )
+                hook = functools.partial(self._mha_hook, name)
+                self._handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
             else:
-                self._handles.append(m.register_forward_pre_hook(self._enter(name)))
-                self._handles.append(m.register_forward_hook(self._leave, always_call=True))
+                self._handles.append(
+                    m.register_forward_pre_hook(functools.partial(self._enter, name))
+                )
+                # prepend: a second telemetry on the same module unwraps first (LIFO)
+                self._handles.append(
+                    m.register_forward_hook(self._leave, always_call=True, prepend=True)
+                )
         head = self._output_module(output)
         if head is not None:
             self._handles.append(head.register_forward_hook(self._on_logits))
@@ -311,26 +319,24 @@ class AttentionTelemetry:
         if self._active:
             self.generation += 1
 
-    def _mha_hook(self, name: str) -> Callable[..., None]:
-        def hook(m: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if self._active:
-                with torch.no_grad():
-                    self.max_logits[name] = _mha_max_logits(m, args, kwargs)
+    def _mha_hook(
+        self, name: str, m: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if self._active:
+            with torch.no_grad():
+                self.max_logits[name] = _mha_max_logits(m, args, kwargs)
 
-        return hook
-
-    def _enter(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            if not self._active:
-                return
-            self._current = name
-            _Patch.install(self, module)
-
-        return hook
+    def _enter(self, name: str, module: nn.Module, args: Any) -> None:
+        if not self._active or self._current is not None:
+            return
+        self._current = name
+        self._saved = _wrap_attention(self, module)
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._current is not None:
-            _Patch.remove(module)
+            for owner, attr, original in reversed(self._saved):
+                setattr(owner, attr, original)
+            self._saved = []
             self._current = None
 
     def _on_logits(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -435,45 +441,35 @@ def _mha_max_logits(
     return attention_max_logits(q, k, None, bias, causal=is_causal and attn_mask is None)
 
 
-class _Patch:
-    """Wraps ``F.scaled_dot_product_attention`` and a Hugging Face module's
-    ``eager_attention_forward`` while one watched attention module runs its forward."""
+def _wrap_attention(tel: AttentionTelemetry, module: nn.Module) -> list[tuple[Any, str, Any]]:
+    """Wrap ``F.scaled_dot_product_attention`` and the module's Hugging Face
+    ``eager_attention_forward`` so they report the query and key they receive to ``tel``; the
+    caller puts back what this returns (``(owner, attribute, original)``) after the forward."""
+    saved: list[tuple[Any, str, Any]] = []
+    sdpa = F.scaled_dot_product_attention
 
-    _saved: ClassVar[dict[int, list[tuple[Any, str, Any]]]] = {}
+    def sdpa_wrapper(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kw: Any) -> Any:
+        mask = args[0] if args else kw.get("attn_mask")
+        causal = bool(args[2] if len(args) > 2 else kw.get("is_causal", False))
+        scale = args[3] if len(args) > 3 else kw.get("scale")
+        tel._record(query, key, scale, _sdpa_bias(mask), causal)
+        return sdpa(query, key, value, *args, **kw)
 
-    @classmethod
-    def install(cls, tel: AttentionTelemetry, module: nn.Module) -> None:
-        if id(module) in cls._saved:
-            return
-        saved: list[tuple[Any, str, Any]] = []
-        sdpa = F.scaled_dot_product_attention
+    saved.append((F, "scaled_dot_product_attention", sdpa))
+    F.scaled_dot_product_attention = sdpa_wrapper
+    home = sys.modules.get(type(module).__module__)
+    eager = getattr(home, "eager_attention_forward", None)
+    if home is not None and callable(eager):
 
-        def sdpa_wrapper(query: Tensor, key: Tensor, value: Tensor, *args: Any, **kw: Any) -> Any:
-            mask = args[0] if args else kw.get("attn_mask")
-            causal = bool(args[2] if len(args) > 2 else kw.get("is_causal", False))
-            tel._record(query, key, kw.get("scale"), _sdpa_bias(mask), causal)
-            return sdpa(query, key, value, *args, **kw)
+        def eager_wrapper(mod: nn.Module, query: Tensor, key: Tensor, *args: Any, **kw: Any) -> Any:
+            mask = args[1] if len(args) > 1 else kw.get("attention_mask")
+            scale = args[2] if len(args) > 2 else kw.get("scaling")
+            tel._record(query, key, scale, _sdpa_bias(mask), False)
+            return eager(mod, query, key, *args, **kw)
 
-        saved.append((F, "scaled_dot_product_attention", sdpa))
-        F.scaled_dot_product_attention = sdpa_wrapper
-        home = sys.modules.get(type(module).__module__)
-        eager = getattr(home, "eager_attention_forward", None)
-        if home is not None and callable(eager):
-
-            def eager_wrapper(mod: nn.Module, query: Tensor, key: Tensor, *args: Any, **kw: Any):
-                mask = args[1] if len(args) > 1 else kw.get("attention_mask")
-                scale = args[2] if len(args) > 2 else kw.get("scaling")
-                tel._record(query, key, scale, _sdpa_bias(mask), False)
-                return eager(mod, query, key, *args, **kw)
-
-            saved.append((home, "eager_attention_forward", eager))
-            home.eager_attention_forward = eager_wrapper  # type: ignore[attr-defined]
-        cls._saved[id(module)] = saved
-
-    @classmethod
-    def remove(cls, module: nn.Module) -> None:
-        for owner, attr, original in reversed(cls._saved.pop(id(module), [])):
-            setattr(owner, attr, original)
+        saved.append((home, "eager_attention_forward", eager))
+        home.eager_attention_forward = eager_wrapper  # type: ignore[attr-defined]
+    return saved
 
 
 # --------------------------------------------------------------------------------- detectors
