@@ -289,18 +289,33 @@ def test_telemetry_every_k_eval_and_row() -> None:
 
 
 def test_telemetry_has_no_host_sync_and_goes_through_the_recorder() -> None:
+    from gradguard.detect import UpdateRatioDetector
     from gradguard.records import Recorder
 
     model = tiny_lm()
     tel = AttentionTelemetry(model, output="out")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ratios = UpdateRatioDetector()
     rec = Recorder(flush_every=100)
     x = tokens()
-    with C.no_host_sync():
-        model(x).sum().backward()
-        rec.log(0, kind="transformer", **tel.row(per_head=True))
+    for step in range(2):
+        ratios.before(model)
+        with C.no_host_sync():
+            model(x).sum().backward()
+            row = tel.row(per_head=True, update_ratios=ratios)
+        # The Adam-lag measure reads the optimizer's step counter, which torch keeps in host
+        # memory unless capturable/fused (its own Adam reads it with .item() every step): no
+        # device sync, but the harness above cannot tell host memory from a device.
+        row["adam_lag"] = tel.row(optimizer=opt)["adam_lag"]
+        rec.log(step, kind="transformer", **row)
+        opt.step()
+        opt.zero_grad()
+        ratios.after(model)
     rows = rec.flush()
     assert isinstance(rows[0]["attn_max_logit"], float)
     assert isinstance(rows[0]["attn_head_max_logit"]["blocks.layers.1.self_attn/h3"], float)
+    assert rows[1]["adam_lag"] == 0.0 and "update_ratio" not in rows[0]
+    assert rows[1]["update_ratio"]["out.weight"] > 0
 
 
 def test_no_attention_module_raises() -> None:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from gradguard import _validate
 from gradguard._state import as_bool
-from gradguard.detect import Detection, Detector, Signals, SpikeDetector
+from gradguard.detect import Detection, Detector, Signals, SpikeDetector, UpdateRatioDetector
 
 __all__ = [
     "AttentionLogitDetector",
@@ -367,12 +367,26 @@ class AttentionTelemetry:
             return None
         return torch.stack([v.max() for v in self.max_logits.values()]).max()
 
-    def row(self, per_head: bool = False) -> dict[str, Any]:
+    def row(
+        self,
+        per_head: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        update_ratios: UpdateRatioDetector | None = None,
+    ) -> dict[str, Any]:
         """This step's numbers as a records row: device tensors, one level of dicts.
 
-        Keys: ``attn_max_logit`` (0-dim, all layers), ``attn_layer_max_logit`` = {layer:
-        value}, with ``per_head`` ``attn_head_max_logit`` = {``"<layer>/h<i>"``: value}, and
-        ``logz_mean``, ``logz_max`` when measured.
+        Args:
+            per_head: also each head's max logit.
+            optimizer: an Adam-family optimizer: add its :func:`preconditioner_lag` (call
+                before ``optimizer.step()``).
+            update_ratios: a :class:`~gradguard.detect.UpdateRatioDetector` the guard runs:
+                add its latest per-layer update-to-weight ratios.
+
+        Returns:
+            ``attn_max_logit`` (0-dim, all layers), ``attn_layer_max_logit`` = {layer: value},
+            with ``per_head`` ``attn_head_max_logit`` = {``"<layer>/h<i>"``: value};
+            ``logz_mean``, ``logz_max`` when measured; ``adam_lag``; ``update_ratio`` =
+            {parameter: ratio}.
         """
         out: dict[str, Any] = {}
         top = self.max_logit()
@@ -386,6 +400,11 @@ class AttentionTelemetry:
         if self.logz_mean is not None:
             out["logz_mean"] = self.logz_mean
             out["logz_max"] = self.logz_max
+        if optimizer is not None:
+            out["adam_lag"] = preconditioner_lag(optimizer)
+        if update_ratios is not None and update_ratios.ratios is not None:
+            r = update_ratios.ratios
+            out["update_ratio"] = {n: r[i] for i, n in enumerate(update_ratios.names)}
         return out
 
     def remove(self) -> None:
