@@ -474,8 +474,9 @@ def test_qk_clip_does_nothing_on_a_skipped_step_and_syncs_nothing() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_qk_clip_refuses_unknown_layouts() -> None:
-    model = insert_qk_norm(tiny_lm())
+@pytest.mark.parametrize("build", [tiny_lm, gpt2, llama], ids=["mha", "gpt2", "llama"])
+def test_qk_clip_refuses_qk_normed_layouts(build: Any) -> None:
+    model = insert_qk_norm(build())
     with pytest.raises(TypeError, match="cannot rescale"):
         QKClip(AttentionTelemetry(model))
 

@@ -383,7 +383,10 @@ class QKClip:
         self.tau = _validate.threshold("tau", tau, allow_zero=False)
         self._used = 0
         for name, m in telemetry.layers.items():
-            if _kind(m) in ("other",) or isinstance(m, QKNormMultiheadAttention):
+            normed = isinstance(m, QKNormMultiheadAttention) or any(
+                isinstance(getattr(m, a, None), HeadNorm) for a in ("c_attn", "q_proj", "k_proj")
+            )
+            if _kind(m) == "other" or normed:
                 raise TypeError(f"QKClip cannot rescale {name} ({type(m).__name__})")
         self.factors: dict[str, Tensor] = {}
 
