@@ -9,6 +9,7 @@ import torch
 
 from gradguard.detect import (
     Detector,
+    DivergenceDetector,
     NonFiniteDetector,
     SpikeDetector,
     UpdateRatioDetector,
@@ -98,6 +99,13 @@ DETECTORS: dict[str, tuple[Callable[[], Detector], C.StepHook | None]] = {
     "nonfinite": (NonFiniteDetector, None),
     "spike-loss": (lambda: SpikeDetector("loss", window=16, z=4.0), None),
     "spike-grad": (lambda: SpikeDetector("grad_norm", window=16, warmup=4, log=False), None),
+    "spike-bootstrap": (lambda: SpikeDetector("loss", window=32, z=4.0, bootstrap=3.0), None),
+    "spike-bootstrap-linear": (
+        lambda: SpikeDetector("grad_norm", window=64, bootstrap=3.0, log=False),
+        None,
+    ),
+    # A low ratio and a short cool-down, so that the planted loss spike makes it fire.
+    "divergence": (lambda: DivergenceDetector(ratio=1.05, warmup=3, cooldown=2, noise=0.0), None),
     "vanishing": (lambda: VanishingDetector(floor=1e-2, patience=3), None),
     "update-ratio": (lambda: UpdateRatioDetector(max_ratio=0.1), _ratio_hook),
 }

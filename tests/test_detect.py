@@ -3,6 +3,7 @@ references and hand computations."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from gradguard.detect import (
     Detection,
     Detector,
+    DivergenceDetector,
     NonFiniteDetector,
     Signals,
     SpikeDetector,
@@ -321,6 +323,14 @@ def test_update_ratio_hot_path_has_no_host_sync() -> None:
         (lambda: SpikeDetector(z=0), "z"),
         (lambda: SpikeDetector(log=1), "log"),  # type: ignore[arg-type]
         (lambda: SpikeDetector(min_std=-1.0), "min_std"),
+        (lambda: SpikeDetector(bootstrap=1.0), "bootstrap"),
+        (lambda: SpikeDetector(bootstrap=math.inf), "bootstrap"),
+        (lambda: DivergenceDetector(ratio=0.9), "ratio"),
+        (lambda: DivergenceDetector(beta=1.0), "beta"),
+        (lambda: DivergenceDetector(warmup=0), "warmup"),
+        (lambda: DivergenceDetector(cooldown=-1), "cooldown"),
+        (lambda: DivergenceDetector(clip=1.0), "clip"),
+        (lambda: DivergenceDetector(limit=-1), "limit"),
         (lambda: VanishingDetector(floor=1.0), "floor"),
         (lambda: VanishingDetector(patience=0), "patience"),
         (lambda: UpdateRatioDetector(max_ratio=0), "max_ratio"),
@@ -387,6 +397,7 @@ def test_state_of_gradguard_0_1_still_loads() -> None:
 def test_detectors_declare_their_default_response() -> None:
     assert NonFiniteDetector.default_response is None  # the guard's default ladder
     assert SpikeDetector.default_response is None
+    assert DivergenceDetector.default_response == ("backoff",)
     assert VanishingDetector.default_response == ("log",)
     assert UpdateRatioDetector.default_response == ("log",)
 
@@ -406,3 +417,194 @@ def test_a_user_detector_without_declared_state_keeps_working() -> None:
     with pytest.raises(TypeError, match="expects a dict"):
         det.load_state_dict("garbage")  # type: ignore[arg-type]
     assert det.limit == 3.0 and bool(det.check(sig(per=[4.0, 0.0])).flag)
+
+
+# ------------------------------------------------------------------- spike: bootstrap rule
+
+
+def _drive_values(det: Detector, values: list[float], signal: str = "loss") -> list[Detection]:
+    if signal == "loss":
+        seq = [sig(v, step=i) for i, v in enumerate(values)]
+    else:
+        seq = [sig(1.0, per=[v, 0.0], step=i) for i, v in enumerate(values)]
+    return C.drive_detector(det, seq)
+
+
+def ref_bootstrap(values: list[float], ratio: float, warmup: int) -> list[bool]:
+    """Before the warm-up: flag a value above ``ratio`` x the largest accepted one, from two
+    accepted values on (plain Python, log space as the detector)."""
+    hist: list[float] = []
+    out = []
+    for v in values:
+        flag = 2 <= len(hist) < warmup and math.log(v) - max(hist) > math.log(ratio)
+        out.append(flag)
+        if not flag and len(hist) < warmup:
+            hist.append(math.log(v))
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.lists(st.floats(0.1, 100.0), min_size=1, max_size=20))
+def test_bootstrap_matches_reference_in_warmup(values: list[float]) -> None:
+    got = _drive_values(SpikeDetector("loss", window=64, warmup=32, bootstrap=10.0), values)
+    want = ref_bootstrap(values, 10.0, 32)
+    # Values within fp32 rounding of the 10x boundary are ties the oracle cannot call.
+    for i, (d, w) in enumerate(zip(got, want)):
+        if abs(float(d.score) - 6.0) > 1e-4:
+            assert bool(d.flag) == w, i
+
+
+def test_bootstrap_skips_a_corrupt_third_step_which_never_becomes_normal() -> None:
+    # S4's fault: a corrupt batch at step 2 (loss x1e6). The plain detector warms up for 64
+    # values and lets it through; the bootstrap flags it, and the one after it too.
+    values = [0.55, 0.6, 5e5, 6e5, 0.5, 0.52]
+    plain = _drive_values(SpikeDetector("loss"), values)
+    boot = _drive_values(SpikeDetector("loss", bootstrap=10.0), values)
+    assert not any(bool(d.flag) for d in plain)
+    assert [bool(d.flag) for d in boot] == [False, False, True, True, False, False]
+    assert float(boot[2].score) > 6.0 and float(boot[4].score) < 6.0
+
+
+def test_bootstrap_lets_a_falling_or_slowly_rising_loss_through() -> None:
+    falling = [4.6 * 0.97**i for i in range(40)]
+    rising = [1.0 * 1.1**i for i in range(20)]  # 10x over 24 steps: the median keeps up
+    for values in (falling, rising):
+        got = _drive_values(SpikeDetector("loss", bootstrap=10.0), values)
+        assert not any(bool(d.flag) for d in got)
+
+
+def test_bootstrap_linear_and_on_the_grad_norm() -> None:
+    values = [1.0, 1.2, 0.9, 11.0, 130.0, 200.0]  # 11 < 10 x 1.2, then 130 > 10 x 11
+    got = _drive_values(
+        SpikeDetector("grad_norm", bootstrap=10.0, log=False), values, signal="grad_norm"
+    )
+    assert [bool(d.flag) for d in got] == [False, False, False, False, True, True]
+
+
+def test_after_warmup_the_bootstrap_changes_nothing() -> None:
+    seq = C.signal_sequence(120, loss_spikes={90: 30.0}, seed=6)
+    plain = C.drive_detector(SpikeDetector("loss", window=32), seq)
+    boot = C.drive_detector(SpikeDetector("loss", window=32, bootstrap=10.0), seq)
+    for i in range(16, 120):  # the warm-up is 16 values; nothing is flagged before
+        assert C.same(plain[i].flag, boot[i].flag) and C.same(plain[i].score, boot[i].score), i
+    assert [i for i, d in enumerate(boot) if bool(d.flag)] == [90]
+
+
+def test_spike_state_saved_before_bootstrap_existed_loads() -> None:
+    det = SpikeDetector(window=8, warmup=3)
+    C.drive_detector(det, C.signal_sequence(10))
+    old = {k: v for k, v in det.state_dict().items() if k != "bootstrap"}
+    fresh = SpikeDetector(window=8, warmup=3, bootstrap=5.0)
+    fresh.load_state_dict(old)
+    assert fresh.bootstrap is None and C.same(
+        fresh.state_dict()["state"]["buffer"], old["state"]["buffer"]
+    )
+
+
+# -------------------------------------------------------------------------------- divergence
+
+
+def ref_divergence(
+    losses: list[float],
+    ratio: float,
+    beta: float,
+    warmup: int,
+    cooldown: int,
+    clip: float,
+    limit: int,
+    noise: float,
+    memory: float,
+) -> list[tuple[bool, float]]:
+    """The detector in plain Python (fp64): flags on the history before the step; the average
+    and the variance of the differences learn accepted (= not flagged) finite values clipped to
+    ``clip`` x the average; the best is a minimum that forgets a fraction ``1 - memory`` a step."""
+    ema = best = last = dmean = dvar = 0.0
+    count = wait = fires = 0
+    out = []
+    for v in losses:
+        x = math.log(v) if v > 0 else math.nan
+        ok = math.isfinite(x)
+        margin = max(math.log(ratio), noise * math.sqrt(dvar / 2 * (1 - beta) / (1 + beta)))
+        ready = count >= warmup and wait == 0 and fires < limit
+        flag = ok and ready and ema - best > margin
+        out.append((flag, math.exp(ema - best) if count else 1.0))
+        if flag:
+            best, wait, fires = ema, cooldown, fires + 1
+            continue
+        if ok:
+            wait = max(wait - 1, 0)
+            if count == 0:
+                ema = best = last = x
+            else:
+                x_in = min(x, ema + math.log(clip))
+                d = x_in - last
+                w = 1.0 if count == 1 else 1 - beta  # EMA mean and variance of the differences
+                dvar = (1 - w) * (dvar + w * (d - dmean) ** 2)
+                dmean += w * (d - dmean)
+                ema = beta * ema + (1 - beta) * x_in
+                best = ema if ema < best else best + (1 - memory) * (ema - best)
+                last = x_in
+            count += 1
+    return out
+
+
+def _diverging(n: int, start: int, growth: float, seed: int = 0) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.exp(0.1 * torch.randn(n, generator=g, dtype=torch.float64)).tolist()
+    return [3.0 * 0.99**i * (growth ** max(0, i - start)) * e for i, e in enumerate(noise)]
+
+
+@pytest.mark.parametrize("growth", [1.0, 1.05, 1.3])
+def test_divergence_matches_reference(growth: float) -> None:
+    losses = _diverging(150, 40, growth)
+    losses[60] = math.nan
+    kw = dict(ratio=1.2, beta=0.9, warmup=10, cooldown=10, clip=2.0, limit=6, noise=6.0)
+    kw["memory"] = 0.98
+    got = C.drive_detector(DivergenceDetector(**kw), [sig(v, step=i) for i, v in enumerate(losses)])  # type: ignore[arg-type]
+    want = ref_divergence(losses, **kw)  # type: ignore[arg-type]
+    for i, (d, (flag, score)) in enumerate(zip(got, want)):
+        assert bool(d.flag) == flag, i
+        assert float(d.score) == pytest.approx(score, rel=1e-4), i
+    flags = [i for i, (f, _) in enumerate(want) if f]
+    if growth == 1.0:
+        assert flags == []  # a healthy noisy run: never
+    else:
+        assert flags and flags[0] > 40 and len(flags) <= 6
+        assert all(b - a > 10 for a, b in itertools.pairwise(flags))  # the cool-down
+
+
+def test_divergence_ignores_one_huge_accepted_loss() -> None:
+    losses = [3.0 * 0.99**i for i in range(60)]
+    losses[30] = 3e6  # a corrupt batch no spike detector caught: it enters clipped to 2x
+    det = DivergenceDetector()
+    got = C.drive_detector(det, [sig(v, step=i) for i, v in enumerate(losses)])
+    assert not any(bool(d.flag) for d in got)
+    assert max(float(d.score) for d in got) < 1.1
+
+
+def test_divergence_warmup_and_limit() -> None:
+    losses = [2.0**i for i in range(60)]  # doubling every step
+    det = DivergenceDetector(warmup=10, cooldown=3, limit=4)
+    got = C.drive_detector(det, [sig(v, step=i) for i, v in enumerate(losses)])
+    flags = [i for i, d in enumerate(got) if bool(d.flag)]
+    assert len(flags) == 4 and flags[0] >= 10
+    assert all(b - a > 3 for a, b in itertools.pairwise(flags))  # one per cool-down
+    assert int(det.state_dict()["state"]["fires"]) == 4
+
+
+def test_divergence_without_a_loss_never_flags() -> None:
+    det = DivergenceDetector(warmup=1)
+    for i in range(5):
+        assert not bool(det.check(sig(None, step=i)).flag)
+        det.update(sig(None, step=i), torch.tensor(True))
+    assert det.state_dict()["state"] == {}
+
+
+def test_divergence_asks_for_a_backoff_and_refuses_bad_state() -> None:
+    assert DivergenceDetector.default_response == ("backoff",)
+    det = DivergenceDetector()
+    C.drive_detector(det, [sig(3.0, step=i) for i in range(3)])
+    good = det.state_dict()
+    with pytest.raises(ValueError, match="finite"):
+        det.load_state_dict({**good, "state": {**good["state"], "ema": torch.tensor(math.nan)}})
+    assert C.same(det.state_dict()["state"]["ema"], good["state"]["ema"])

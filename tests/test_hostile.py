@@ -238,6 +238,17 @@ spec("SpikeDetector", D.SpikeDetector, "warmup", opt(lambda x: int_ge(2)(x) and 
 spec("SpikeDetector", D.SpikeDetector, "z", POS)
 spec("SpikeDetector", D.SpikeDetector, "log", is_bool)
 spec("SpikeDetector", D.SpikeDetector, "min_std", NONNEG)
+RATIO = _real(lambda v: math.isfinite(v) and v > 1)
+FRAC_OC = _real(lambda v: 0 < v <= 1)
+spec("SpikeDetector", D.SpikeDetector, "bootstrap", opt(RATIO))
+spec("DivergenceDetector", D.DivergenceDetector, "ratio", RATIO)
+spec("DivergenceDetector", D.DivergenceDetector, "beta", FRAC_CO)
+spec("DivergenceDetector", D.DivergenceDetector, "warmup", int_ge(1))
+spec("DivergenceDetector", D.DivergenceDetector, "cooldown", int_ge(0))
+spec("DivergenceDetector", D.DivergenceDetector, "clip", RATIO)
+spec("DivergenceDetector", D.DivergenceDetector, "limit", int_ge(0))
+spec("DivergenceDetector", D.DivergenceDetector, "noise", NONNEG)
+spec("DivergenceDetector", D.DivergenceDetector, "memory", FRAC_OC)
 spec("VanishingDetector", D.VanishingDetector, "floor", FRAC_OO)
 spec("VanishingDetector", D.VanishingDetector, "patience", int_ge(1))
 spec("UpdateRatioDetector", D.UpdateRatioDetector, "max_ratio", POS)
@@ -530,6 +541,7 @@ STATEFUL: list[tuple[str, Callable[[], Any]]] = [
     ("ZScoreClip", lambda: policies.ZScoreClip(warmup=2)),
     ("AGCPolicy", lambda: policies.AGCPolicy()),
     ("SpikeDetector", lambda: detect.SpikeDetector("grad_norm", window=8, warmup=2)),
+    ("DivergenceDetector", lambda: detect.DivergenceDetector(warmup=2)),
     ("VanishingDetector", lambda: detect.VanishingDetector()),
     ("Recorder", lambda: records.Recorder(flush_every=2)),
     ("SkipList", lambda: rollback.SkipList()),

@@ -29,12 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import _validate
-from gradguard._state import Spec, Stateful, as_bool, as_int, check_keys, stack
+from gradguard._state import Spec, Stateful, as_bool, as_int, check_keys, fraction, stack
 from gradguard.norms import tensor_norms
 
 __all__ = [
     "Detection",
     "Detector",
+    "DivergenceDetector",
     "NonFiniteDetector",
     "Signals",
     "SpikeDetector",
@@ -181,7 +182,15 @@ class SpikeDetector(Detector):
     This is OLMo-core's skip-step rule (window 128, 6 sigma, inactive until half the window is
     filled) with two changes: log space, and only accepted values enter the history.
 
-    Warm-up: no flag until ``warmup`` values are stored (default ``max(2, window // 2)``).
+    Warm-up: no z-score flag until ``warmup`` values are stored (default
+    ``max(2, window // 2)``). With ``bootstrap`` (a ratio ``r > 1``) the detector works from its
+    third step on: before the warm-up ends a value more than ``r`` times the largest stored one
+    is flagged (``x - max > log(r)`` in log space, ``x > r * max`` with ``log=False``), since a
+    z-score over a few values means nothing but a tenfold jump above everything seen so far is
+    never normal. The largest, not the median: a tiny batch's loss can vary tenfold from step to
+    step (the mean of two squared errors does, one step in eleven), rarely tenfold above all the
+    earlier ones. The bootstrap score is scaled so that it crosses ``z`` exactly where the rule
+    flags: ``z * (x - max) / log(r)`` (``z * x / (r * max)`` with ``log=False``).
 
     State: ``buffer`` (fp32, ``window`` values, NaN where empty) and ``count`` (values stored
     so far), created on the signal's device at the first step.
@@ -195,6 +204,9 @@ class SpikeDetector(Detector):
         min_std: floor on the std (``>= 0``), so a flat history does not turn a rounding
             error into a huge score; in log space the default 1e-3 means a jump must be at
             least ``z`` x 0.1 % to be flagged. With ``log=False`` it is in the signal's units.
+        bootstrap: flag a value above this many times the largest stored one before the
+            warm-up ends (from 2 stored values on); ``None`` (the default): no flag in
+            warm-up. The guard's default loss detector uses 10.
 
     Raises:
         ValueError: an argument out of range.
@@ -206,7 +218,7 @@ class SpikeDetector(Detector):
     """
 
     name: ClassVar[str] = "spike"
-    _config_keys = ("signal", "window", "z", "warmup", "log", "min_std")
+    _config_keys = ("signal", "window", "z", "warmup", "log", "min_std", "bootstrap")
 
     def __init__(
         self,
@@ -216,6 +228,7 @@ class SpikeDetector(Detector):
         warmup: int | None = None,
         log: bool = True,
         min_std: float = 1e-3,
+        bootstrap: float | None = None,
     ) -> None:
         super().__init__()
         if signal not in SPIKE_SIGNALS:
@@ -230,6 +243,7 @@ class SpikeDetector(Detector):
             raise TypeError(f"log must be a bool, got {type(log).__name__}")
         self.log = log
         self.min_std = _validate.threshold("min_std", min_std)
+        self.bootstrap = None if bootstrap is None else _ratio("bootstrap", bootstrap)
 
     def _state_spec(self) -> dict[str, Spec]:
         return {
@@ -268,8 +282,17 @@ class SpikeDetector(Detector):
         var = torch.where(valid, (buf - mean) ** 2, 0.0).sum() / (n - 1).clamp(min=1)
         floor = max(self.min_std, torch.finfo(torch.float32).tiny)
         z = (x - mean) / var.sqrt().clamp(min=floor)
+        warm = count >= self.warmup
+        if self.bootstrap is not None:
+            top = torch.where(valid, buf, -math.inf).amax()
+            if self.log:
+                early = self.z * (x - top) / math.log(self.bootstrap)
+            else:
+                early = self.z * x / (self.bootstrap * top).clamp(min=floor)
+            z = torch.where(warm, z, torch.where(count >= 2, early, 0.0))
+            warm = warm | (count >= 2)
         # A non-finite value is the NonFiniteDetector's business, not a spike.
-        return torch.where((count >= self.warmup) & x.isfinite(), z, 0.0)
+        return torch.where(warm & x.isfinite(), z, 0.0)
 
     def check(self, s: Signals) -> Detection:
         z = self.score(s)
@@ -289,13 +312,210 @@ class SpikeDetector(Detector):
         st["count"] = count + ok.to(torch.int64)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(_legacy(state, ("buffer", "count")))
+        state = _legacy(state, ("buffer", "count"))
+        if isinstance(state, dict) and "bootstrap" not in state:
+            state = {**state, "bootstrap": None}  # saved before bootstrap existed
+        super().load_state_dict(state)
 
     def __repr__(self) -> str:
         return (
             f"SpikeDetector(signal={self.signal!r}, window={self.window}, z={self.z}, "
-            f"warmup={self.warmup}, log={self.log})"
+            f"warmup={self.warmup}, log={self.log}, bootstrap={self.bootstrap})"
         )
+
+
+class DivergenceDetector(Detector):
+    """Flags a run whose smoothed loss has risen well above the best it reached: divergence.
+
+    A spike is one bad step; divergence is the model getting worse step after step (a learning
+    rate too high for this model, an RNN whose gradients grow), which no single step shows and
+    which clipping cannot undo for Adam, whose step size ignores the gradient's scale. The
+    detector keeps an exponential moving average ``m`` of ``log(loss)`` over accepted steps, its
+    noise ``s`` (the EMA's own standard deviation, estimated from the variance of the step-to-step
+    differences, which a steady trend does not inflate) and a best value ``b``: the lowest ``m``
+    reached, which forgets slowly (``b`` moves a fraction ``1 - memory`` of the way up to ``m``
+    each step, so one lucky low stretch of a noisy loss does not set the bar for good). It flags
+    when ``m - b > max(log(ratio), noise * s)``: the loss is ``ratio`` times above its best, and
+    by more than its noise explains. Its default response
+    is ``("backoff",)``: skip the step and halve the learning rate (Wortsman et al. 2023,
+    arXiv 2309.14322: loss divergence is the symptom of a too-high LR in small transformers;
+    lowering the LR is the remedy).
+
+    After a flag it re-baselines (the best becomes the current average) and waits ``cooldown``
+    finite steps, so each further rise is one more back-off, at most one per cool-down, and at
+    most ``limit`` in the whole run (by default six: the LR x 1/64).
+
+    One outlier moves the average little: each accepted value enters clipped to ``clip`` times
+    the average (``log(clip)`` above it), and skipped or non-finite steps never enter. The flag
+    is decided from the history before this step, and only on a finite step.
+
+    Warm-up: no flag until ``warmup`` accepted values are in the average. A loss that is not
+    positive has no log and is ignored.
+
+    State (fp32, log loss): ``ema``, ``best``, ``last`` (the last accepted value), ``dmean`` and
+    ``dvar`` (EMA mean and variance of the differences); ``count`` (accepted values), ``wait``
+    (cool-down steps left) and ``fires`` (flags so far).
+
+    Args:
+        ratio: flag when the average loss is above this many times its best (``> 1``).
+        beta: the average's factor in [0, 1): about ``1 / (1 - beta)`` steps of memory.
+        warmup: accepted values before the first flag (``>= 1``).
+        cooldown: finite steps without a flag after one (``>= 0``).
+        clip: an accepted value enters the average at most this many times above it (``> 1``).
+        limit: flags in the whole run (``>= 0``).
+        noise: the rise must also exceed this many noise deviations ``s`` (``>= 0``).
+        memory: how slowly the best forgets, in (0, 1]; 1: the plain minimum.
+
+    Raises:
+        ValueError: an argument out of range.
+
+    Example:
+        >>> det = DivergenceDetector(ratio=1.2)
+        >>> flag, score = det.check(signals); det.update(signals, accepted)
+    """
+
+    name: ClassVar[str] = "divergence"
+    default_response: ClassVar[tuple[str, ...] | None] = ("backoff",)
+    signal: ClassVar[str] = "loss"
+    _config_keys = ("ratio", "beta", "warmup", "cooldown", "clip", "limit", "noise", "memory")
+
+    def __init__(
+        self,
+        ratio: float = 1.2,
+        beta: float = 0.9,
+        warmup: int = 10,
+        cooldown: int = 10,
+        clip: float = 2.0,
+        limit: int = 6,
+        noise: float = 6.0,
+        memory: float = 0.98,
+    ) -> None:
+        super().__init__()
+        self.ratio = _ratio("ratio", ratio)
+        self.beta = fraction("beta", beta, closed_low=True, closed_high=False)
+        self.warmup = as_int("warmup", warmup, 1)
+        self.cooldown = as_int("cooldown", cooldown, 0)
+        self.clip = _ratio("clip", clip)
+        self.limit = as_int("limit", limit, 0)
+        self.noise = _validate.threshold("noise", noise)
+        self.memory = fraction("memory", memory, closed_low=False, closed_high=True)
+
+    def _state_spec(self) -> dict[str, Spec]:
+        return {
+            "ema": Spec((), dtype=torch.float32),
+            "best": Spec((), dtype=torch.float32),
+            "last": Spec((), dtype=torch.float32),
+            "dmean": Spec((), dtype=torch.float32),
+            "dvar": Spec((), dtype=torch.float32),
+            "count": Spec((), integer=True),
+            "wait": Spec((), integer=True),
+            "fires": Spec((), integer=True),
+        }
+
+    def _fresh_state(self, like: Tensor) -> dict[str, Tensor]:
+        def zero(dtype: torch.dtype) -> Tensor:
+            return torch.zeros((), dtype=dtype, device=like.device)
+
+        return {
+            "ema": zero(torch.float32),
+            "best": zero(torch.float32),
+            "last": zero(torch.float32),
+            "dmean": zero(torch.float32),
+            "dvar": zero(torch.float32),
+            "count": zero(torch.int64),
+            "wait": zero(torch.int64),
+            "fires": zero(torch.int64),
+        }
+
+    def _check_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> dict[str, Any]:
+        if tensors and not bool(
+            torch.stack([tensors[k] for k in ("ema", "best", "last", "dmean", "dvar")])
+            .isfinite()
+            .all()
+            & (tensors["dvar"] >= 0)
+        ):
+            raise ValueError(
+                "DivergenceDetector.load_state_dict: the statistics must be finite, dvar >= 0"
+            )
+        return {}
+
+    def _value(self, s: Signals) -> tuple[Tensor, Tensor] | None:
+        """``log(loss)`` and whether the whole step is finite (loss, gradients)."""
+        if s.loss is None:
+            return None
+        if s.loss.numel() != 1:
+            raise ValueError(
+                f"Signals.loss must be a single value, got shape {tuple(s.loss.shape)} "
+                "(reduce a per-sample loss first)"
+            )
+        device = s.total_norm.device
+        x = s.loss.detach().reshape(()).to(device, torch.float32).log()
+        ok = x.isfinite() & s.finite.to(device, torch.bool) & s.total_norm.isfinite()
+        return x, ok
+
+    def _flag(self, st: dict[str, Tensor], ok: Tensor) -> Tensor:
+        ready = (st["count"] >= self.warmup) & (st["wait"] == 0) & (st["fires"] < self.limit)
+        # The EMA's own deviation: a difference of two independent values has twice the
+        # variance of one, and an EMA averages about (1 + beta) / (1 - beta) of them.
+        spread = (st["dvar"] * (0.5 * (1.0 - self.beta) / (1.0 + self.beta))).sqrt()
+        margin = (self.noise * spread).clamp(min=math.log(self.ratio))
+        return ready & ok & (st["ema"] - st["best"] > margin)
+
+    def check(self, s: Signals) -> Detection:
+        v = self._value(s)
+        if v is None:
+            return _no(s.total_norm.device)
+        x, ok = v
+        st = self._ensure(x)
+        score = torch.where(st["count"] > 0, (st["ema"] - st["best"]).exp(), 1.0)
+        return Detection(self._flag(st, ok), score.to(torch.float32))
+
+    def update(self, s: Signals, accepted: Tensor) -> None:
+        v = self._value(s)
+        if v is None:
+            return
+        x, ok = v
+        st = self._ensure(x)
+        ema, best, last, count, wait = st["ema"], st["best"], st["last"], st["count"], st["wait"]
+        dmean, dvar = st["dmean"], st["dvar"]
+        fired = self._flag(st, ok)
+        learn = as_bool(accepted, x.device) & ok
+        first = count == 0
+        x_in = torch.where(first, x, torch.minimum(x, ema + math.log(self.clip)))
+        x_in = torch.where(learn, x_in, ema)  # NaN never reaches the arithmetic's result
+        new_ema = torch.where(first, x_in, self.beta * ema + (1.0 - self.beta) * x_in)
+        d = x_in - last
+        w = torch.where(count == 1, 1.0, 1.0 - self.beta)  # the first difference sets the mean
+        new_dmean = dmean + w * (d - dmean)
+        new_dvar = (1.0 - w) * (dvar + w * (d - dmean) * (d - dmean))
+        leaky = torch.where(new_ema < best, new_ema, best + (1.0 - self.memory) * (new_ema - best))
+        new_best = torch.where(first, new_ema, leaky)
+        # A flag re-baselines: the next back-off needs a further rise.
+        st["best"] = torch.where(fired, ema, torch.where(learn, new_best, best))
+        st["ema"] = torch.where(learn, new_ema, ema)
+        st["last"] = torch.where(learn, x_in, last)
+        keep = ~learn | first
+        st["dmean"] = torch.where(keep, dmean, new_dmean)
+        st["dvar"] = torch.where(keep, dvar, new_dvar)
+        st["count"] = count + learn.to(torch.int64)
+        st["wait"] = torch.where(
+            fired, self.cooldown, torch.where(ok, (wait - 1).clamp(min=0), wait)
+        )
+        st["fires"] = st["fires"] + fired.to(torch.int64)
+
+    def __repr__(self) -> str:
+        return (
+            f"DivergenceDetector(ratio={self.ratio}, beta={self.beta}, warmup={self.warmup}, "
+            f"cooldown={self.cooldown}, clip={self.clip}, limit={self.limit}, "
+            f"noise={self.noise}, memory={self.memory})"
+        )
+
+
+def _ratio(name: str, value: Any) -> float:
+    r = _validate.as_float(name, value)
+    if not (math.isfinite(r) and r > 1.0):
+        raise ValueError(f"{name} must be a finite number > 1, got {value!r}")
+    return r
 
 
 def others_median(values: Tensor) -> Tensor:

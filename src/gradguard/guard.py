@@ -73,7 +73,14 @@ from torch import Tensor, nn
 
 from gradguard import _distributed, _validate
 from gradguard import skip as _skip
-from gradguard.detect import Detection, Detector, NonFiniteDetector, Signals, SpikeDetector
+from gradguard.detect import (
+    Detection,
+    Detector,
+    DivergenceDetector,
+    NonFiniteDetector,
+    Signals,
+    SpikeDetector,
+)
 from gradguard.incident import IncidentWriter, forward_rng_state
 from gradguard.norms import grad_norms
 from gradguard.policies import ClipPolicy, ZScoreClip
@@ -108,9 +115,11 @@ class GuardConfig:
     """How a :class:`Guard` measures, decides and responds.
 
     Attributes:
-        policy: the clipping policy (``None``: ZClip, :class:`~gradguard.policies.ZScoreClip`).
-        detectors: detectors (``None``: a loss spike and a gradient-norm spike detector,
-            OLMo-core's 128-step window at 6 sigma). Non-finite checks are built in; a
+        policy: the clipping policy (``None``: ZClip under a cap of 1.0,
+            ``ZScoreClip(max_norm=1.0)``).
+        detectors: detectors (``None``: ``SpikeDetector("loss", bootstrap=10.0)``, a tenfold
+            loss jump from the third step and then OLMo-core's 128-step window at 6 sigma, and
+            ``DivergenceDetector()``, which backs the LR off). Non-finite checks are built in; a
             :class:`~gradguard.detect.NonFiniteDetector` given here replaces the built-in rule.
         responses: ladder per signal, keyed ``"name:signal"`` (``"spike:loss"``), ``name``
             (``"spike"``) or ``"nonfinite"``; e.g. ``{"spike:loss": ("skip", "rollback")}``.
@@ -456,11 +465,16 @@ class Guard:
         self.recorder = (
             recorder if recorder is not None else Recorder(flush_every=config.flush_every)
         )
-        self.policy: ClipPolicy = config.policy if config.policy is not None else ZScoreClip()
+        # The defaults protect from step 0 (docs/guard.md, "What the defaults do from step 0"):
+        # ZClip under HF's max_grad_norm=1.0 cap, a loss-spike rule with a 10x bootstrap, and
+        # a divergence detector that backs the LR off.
+        self.policy: ClipPolicy = (
+            config.policy if config.policy is not None else ZScoreClip(max_norm=1.0)
+        )
         detectors = (
             list(config.detectors)
             if config.detectors is not None
-            else [SpikeDetector("loss"), SpikeDetector("grad_norm")]
+            else [SpikeDetector("loss", bootstrap=10.0), DivergenceDetector()]
         )
         nonfinite = [d for d in detectors if isinstance(d, NonFiniteDetector)]
         self.nonfinite_rule: NonFiniteDetector | None = nonfinite[0] if nonfinite else None

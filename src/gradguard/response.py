@@ -73,12 +73,13 @@ class Budgets:
     """How often a rung may be used before the ladder escalates.
 
     Attributes:
-        skip: skips in a row (consecutive flagged steps) before escalating.
+        skip: skips in a row (consecutive flagged steps) before escalating; 8 by default, so
+            that a short window of bad batches (a corrupt shard) is skipped, not fatal.
         backoff: LR back-offs in the whole run before escalating.
         rollback: rollbacks in the whole run before escalating.
     """
 
-    skip: int = 3
+    skip: int = 8
     backoff: int = 3
     rollback: int = 2
 
