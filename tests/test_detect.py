@@ -541,8 +541,13 @@ def ref_divergence(
                 w = 1.0 if count == 1 else 1 - beta  # EMA mean and variance of the differences
                 dvar = (1 - w) * (dvar + w * (d - dmean) ** 2)
                 dmean += w * (d - dmean)
-                ema = beta * ema + (1 - beta) * x_in
-                best = ema if ema < best else best + (1 - memory) * (ema - best)
+                # The plain mean during the warm-up, then the EMA; the best follows the
+                # average until the warm-up ends.
+                ema += (1 / (count + 1) if count < warmup else 1 - beta) * (x_in - ema)
+                if count < warmup:
+                    best = ema
+                else:
+                    best = ema if ema < best else best + (1 - memory) * (ema - best)
                 last = x_in
             count += 1
     return out

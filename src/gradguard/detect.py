@@ -349,7 +349,9 @@ class DivergenceDetector(Detector):
     the average (``log(clip)`` above it), and skipped or non-finite steps never enter. The flag
     is decided from the history before this step, and only on a finite step.
 
-    Warm-up: no flag until ``warmup`` accepted values are in the average. A loss that is not
+    Warm-up: no flag until ``warmup`` accepted values are in the average, which is their plain
+    mean until then (an EMA started at the first value would keep a lucky first loss for many
+    steps), and the best follows it: the bar is set by a settled average. A loss that is not
     positive has no log and is ignored.
 
     State (fp32, log loss): ``ema``, ``best``, ``last`` (the last accepted value), ``dmean`` and
@@ -483,13 +485,19 @@ class DivergenceDetector(Detector):
         first = count == 0
         x_in = torch.where(first, x, torch.minimum(x, ema + math.log(self.clip)))
         x_in = torch.where(learn, x_in, ema)  # NaN never reaches the arithmetic's result
-        new_ema = torch.where(first, x_in, self.beta * ema + (1.0 - self.beta) * x_in)
+        # During warm-up the average is the plain mean of the values so far (as ZClip warms
+        # up): an EMA started at the first value would keep a lucky first loss for many steps.
+        w_ema = torch.where(
+            count < self.warmup, (count + 1).to(torch.float32).reciprocal(), 1.0 - self.beta
+        )
+        new_ema = ema + w_ema * (x_in - ema)
         d = x_in - last
         w = torch.where(count == 1, 1.0, 1.0 - self.beta)  # the first difference sets the mean
         new_dmean = dmean + w * (d - dmean)
         new_dvar = (1.0 - w) * (dvar + w * (d - dmean) * (d - dmean))
         leaky = torch.where(new_ema < best, new_ema, best + (1.0 - self.memory) * (new_ema - best))
-        new_best = torch.where(first, new_ema, leaky)
+        # The best is the lowest settled average: it follows the average through the warm-up.
+        new_best = torch.where(count < self.warmup, new_ema, leaky)
         # A flag re-baselines: the next back-off needs a further rise.
         st["best"] = torch.where(fired, ema, torch.where(learn, new_best, best))
         st["ema"] = torch.where(learn, new_ema, ema)
