@@ -678,3 +678,23 @@ def test_sparse_gradients_are_clipped_and_skipped() -> None:
     torch.nn.utils.clip_grad_norm_([holder], 1.0)
     # The same numbers up to the order of the norm's sum (the values hold no zero rows).
     torch.testing.assert_close(emb.weight.grad.to_dense(), twin, rtol=1e-6, atol=0)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sync", "sync-free"])
+def test_post_step_hook_sees_every_step_with_a_device_flag(fused: bool) -> None:
+    model = _net()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
+    guard = Guard(model, opt, config=GuardConfig(detectors=[]))
+    seen: list[Any] = []
+    remove = guard.register_post_step_hook(lambda r, applied: seen.append(applied))
+    for i, (x, y) in enumerate(_regression_data(4)):
+        loss = nn.functional.mse_loss(model(x), y) * (math.nan if i == 2 else 1.0)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    assert all(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in seen)
+    assert [bool(a) for a in seen] == [True, True, False, True]
+    remove()
+    nn.functional.mse_loss(model(x), y).backward()
+    guard.step()
+    assert len(seen) == 4

@@ -577,7 +577,9 @@ def test_detectors_with_the_guard() -> None:
     ]
     guard = Guard(model, opt, config=GuardConfig(detectors=dets))
     clip = QKClip(tel, tau=100.0)
-    guard.register_step_hook(clip)
+    calls: list[bool] = []
+    guard.register_post_step_hook(clip)
+    guard.register_post_step_hook(lambda r, applied: calls.append(bool(applied)))
     x = tokens()
     for _ in range(3):
         loss = nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), x.reshape(-1))
@@ -586,6 +588,7 @@ def test_detectors_with_the_guard() -> None:
         opt.zero_grad()
         guard.recorder.log(report.step, kind="transformer", **tel.row())
     assert not report.skipped  # the logit detector (limit 1.0) flags, but only logs
+    assert calls == [True, True, True]  # the post-step hook ran after each applied step
     rows = guard.flush()
     assert any(r["kind"] == "action" and r.get("signal") == "attn_logit" for r in guard.records)
     assert any(r["kind"] == "transformer" for r in rows + guard.records)

@@ -19,6 +19,7 @@ from gradguard.clip import clip_grad_value_ as clip_grad_value_
 from gradguard.clip import clip_grads_with_norm_ as clip_grads_with_norm_
 from gradguard.detect import Detection as Detection
 from gradguard.detect import Detector as Detector
+from gradguard.detect import DivergenceDetector as DivergenceDetector
 from gradguard.detect import NonFiniteDetector as NonFiniteDetector
 from gradguard.detect import Signals as Signals
 from gradguard.detect import SpikeDetector as SpikeDetector

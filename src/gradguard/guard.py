@@ -84,7 +84,7 @@ from gradguard.detect import (
 from gradguard.incident import IncidentWriter, forward_rng_state
 from gradguard.norms import grad_norms
 from gradguard.policies import ClipPolicy, ZScoreClip
-from gradguard.records import Named, Recorder
+from gradguard.records import Named, Recorder, _gather
 from gradguard.response import (
     DEFAULT_LADDER,
     Budgets,
@@ -247,7 +247,7 @@ class StepReport:
         clipped_norm: Tensor,
         threshold: Tensor,
         finite: Tensor,
-        settle: Callable[[], Verdict | None],
+        settle: Callable[[], Any],
         verdict: Verdict | None = None,
     ) -> None:
         self.step = step
@@ -335,6 +335,59 @@ class _Step:
     unscaled: bool = False  # this guard unscaled and owes the scaler an update()
     batch: Any = None  # a reference, kept for an incident bundle
     rng: Any = None  # the RNG state before this step's forward (incident bundles only)
+
+    def to_state(self) -> dict[str, Any] | None:
+        """A settled step whose verdict is not carried out yet, as plain values (a checkpoint
+        taken between the read and the act keeps it for the loaded guard)."""
+        if self.bits is None:
+            return None
+        host = _gather([dict(self.row)])[0]
+        scores = torch.stack([t.float() for t in self.scores]).tolist() if self.scores else []
+        return {
+            "step": self.step,
+            "position": self.position,
+            "bits": [bool(b) for b in self.bits],
+            "scores": [float(x) for x in scores],
+            "row": {k: v for k, v in host.items() if k not in ("v", "kind", "step")},
+        }
+
+    @classmethod
+    def from_state(cls, p: dict[str, Any]) -> _Step:
+        """The step :meth:`to_state` described (no tensors on a device: it is acted on only)."""
+        return _pending_from_state(cls, p)
+
+
+def _pending_from_state(cls: type[_Step], p: dict[str, Any]) -> _Step:
+    nan, one = torch.full((), math.nan), torch.ones((), dtype=torch.bool)
+    step, position = int(p["step"]), int(p["position"])
+    return cls(
+        step, position, nan, one, nan, None, dict(p["row"]),
+        [torch.tensor(float(x)) for x in p["scores"]],
+        StepReport(step, position, nan, nan, nan, one, lambda: None),
+        lazy=True, plain=True, amp_overflow=torch.zeros((), dtype=torch.bool),
+        bits=[bool(b) for b in p["bits"]],
+    )  # fmt: skip
+
+
+def _to_host(flags: Tensor) -> tuple[Tensor, Any]:
+    """Start moving the flag bits to host memory without waiting for them (CUDA: a pinned
+    non-blocking copy and an event; the CPU: host memory already)."""
+    bits = (flags > 0).to(torch.uint8)
+    if bits.device.type == "cuda":
+        host = torch.empty(bits.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(bits, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+    return bits.to("cpu"), None
+
+
+def _read_bits(host: Tensor, event: Any) -> list[bool]:
+    if event is not None:
+        # Waits for the step that produced the flags, not for the work queued since.
+        event.synchronize()
+    # The bytes are in host memory: reading the storage does not touch the device.
+    return [b != 0 for b in host.untyped_storage().tolist()[: host.numel()]]
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
@@ -430,6 +483,9 @@ class Guard:
         'step'
     """
 
+    # The device-to-host move of the flag bits (a seam: tests make the CPU read them late).
+    _to_host = staticmethod(_to_host)
+
     def __init__(
         self,
         model: nn.Module,
@@ -500,6 +556,8 @@ class Guard:
         self._unacted: _Step | None = None  # bits read (settled), verdict not carried out yet
         self._step_hooks: list[Callable[[StepReport], None]] = []
         self._disarm: list[Callable[[], None]] = []  # undone after the optimizer step
+        self._hook_states: list[Any] = []  # what step hooks keep (an EMA): in snapshots
+        self._post_hooks: list[Callable[[StepReport, Tensor], None]] = []
         self._names: dict[int, str] = {}
         self.incidents = (
             IncidentWriter(
@@ -519,6 +577,8 @@ class Guard:
             hook = getattr(model, "register_state_dict_pre_hook", None)
             if callable(hook):
                 hook(lambda *_: self.settle())
+            if scheduler is not None:
+                _skip.settle_on_read(scheduler, self.settle)
         # Snapshots of an earlier run in snapshot_dir: keep them until resume() (or
         # load_state_dict()) continues that run; a fresh first step raises instead.
         self._earlier_run = (
@@ -579,9 +639,12 @@ class Guard:
             per_step=per_step,
             position=lambda: self.position,
             drop=self.drop_batch,
+            version=lambda: len(self.skip_list.windows),
         )
 
-    def register_step_hook(self, hook: Callable[[StepReport], None]) -> Callable[[], None]:
+    def register_step_hook(
+        self, hook: Callable[[StepReport], None], state: Any = None
+    ) -> Callable[[], None]:
         """Call ``hook(report)`` once for every applied step, with the weights of that step.
 
         For an EMA of the weights (``torch.optim.swa_utils.AveragedModel``) that must never see
@@ -589,26 +652,73 @@ class Guard:
         In the sync-free (fused) mode the hook runs when the step's flags are read, at the start
         of the next step, before that step changes the weights.
 
+        Args:
+            hook: ``hook(report)``, called once per applied step.
+            state: what the hook keeps (``ema``: anything with ``state_dict``/
+                ``load_state_dict``). Snapshots hold it and a rollback restores it, so steps a
+                rollback undid leave no trace in it either.
+
         Returns:
             A function that removes the hook.
         """
         if not callable(hook):
             raise TypeError("hook must be callable")
+        if state is not None and not callable(getattr(state, "load_state_dict", None)):
+            raise TypeError("state must have state_dict() and load_state_dict(), or be None")
         self._step_hooks.append(hook)
-        return lambda: self._step_hooks.remove(hook) if hook in self._step_hooks else None
+        if state is not None:
+            self._hook_states.append(state)
+            if self.config.snapshot_every and self.step_count == 0 and not self._earlier_run:
+                self.snapshots.clear()  # the first snapshot holds the hook's state too
+                self._push_snapshot(0, self.position)
+
+        def remove() -> None:
+            if hook in self._step_hooks:
+                self._step_hooks.remove(hook)
+            if state is not None and state in self._hook_states:
+                self._hook_states.remove(state)
+
+        return remove
+
+    def register_post_step_hook(
+        self, hook: Callable[[StepReport, Tensor], None]
+    ) -> Callable[[], None]:
+        """Call ``hook(report, applied)`` right after every optimizer step, applied or not.
+
+        ``applied`` is a 0-dim bool tensor on the device (no host read in the sync-free mode):
+        a hook that changes the weights, such as QK-clip
+        (:class:`gradguard.transformer_remedies.QKClip`, Kimi K2's MuonClip, arXiv
+        2507.20534), uses it with ``torch.where`` and so leaves a skipped step as it was. It runs
+        before a due snapshot, in every sync mode, and not for a batch dropped by a rollback.
+
+        Returns:
+            A function that removes the hook.
+
+        Example:
+            >>> guard.register_post_step_hook(QKClip(telemetry, tau=100.0))
+        """
+        if not callable(hook):
+            raise TypeError("hook must be callable")
+        self._post_hooks.append(hook)
+        return lambda: self._post_hooks.remove(hook) if hook in self._post_hooks else None
 
     def snapshot(self) -> None:
         """Take a snapshot now (settling the pending step first: one host sync)."""
         self._finish_pending()
+        self._push_snapshot(self.step_count, self.position)
+
+    def _push_snapshot(self, step: int, position: int) -> None:
+        guard = {**self._snapshot_state(), "step": step, "position": position}
+        guard["hook_states"] = [h.state_dict() for h in self._hook_states]
         self.snapshots.push(
             capture(
                 self.model,
                 self.optimizer,
                 self.scheduler,
                 self.scaler,
-                step=self.step_count,
-                position=self.position,
-                guard=self._snapshot_state(),
+                step=step,
+                position=position,
+                guard=guard,
             )
         )
 
@@ -635,7 +745,7 @@ class Guard:
         self._forget_pending()
         if snapshot is None:
             self.snapshots.scan()
-            snap = self._agreed_snapshot(None)
+            snap = self._agreed(None)
             if snap is None:
                 raise SnapshotError(
                     f"no readable snapshot in {self.config.snapshot_dir!r} "
@@ -715,7 +825,11 @@ class Guard:
             return
         skipped: Tensor | bool = s.skip if s.verdict is None else s.verdict.skipped
         if s.unscaled:
-            guard_skip = skipped if isinstance(skipped, bool) else skipped & ~s.amp_overflow
+            # The scaler's own overflow lowers its scale; any other skip leaves the scaler alone.
+            nonfinite = s.flags[2] > 0
+            guard_skip = (
+                skipped if isinstance(skipped, bool) else skipped & (nonfinite | ~s.amp_overflow)
+            )
             if isinstance(guard_skip, bool) and s.verdict is not None:
                 guard_skip = guard_skip and s.verdict.signal != "amp_overflow"
             _skip.scaler_update(self.scaler, guard_skip, sync=s.verdict is not None)
@@ -725,6 +839,10 @@ class Guard:
             after = getattr(d, "after", None)
             if callable(after) and callable(getattr(d, "before", None)):
                 after(self.model)
+        if self._post_hooks:
+            applied = ~s.skip if s.verdict is None else torch.tensor(not s.verdict.skipped)
+            for post in list(self._post_hooks):
+                post(s.report, applied)
         self.stage = Stage.READY
         self.step_count += 1
         self.position = self.skip_list.next_allowed(self.position + 1)
@@ -752,7 +870,7 @@ class Guard:
         if s is None:
             return
         self._unread = None
-        s.bits = self._read(s)
+        s.bits = _read_bits(s.host, s.event)
         if s.undo is not None and self.responder.skips_on_device(s.bits):
             s.undo.restore(self.optimizer, self.scheduler)
         self._unacted = s
@@ -797,7 +915,7 @@ class Guard:
                 _skip.arm_found_inf(self.optimizer, s.skip)
                 self._disarm.append(lambda: _skip.disarm_found_inf(self.optimizer))
         else:
-            s.bits = self._read(s)
+            s.bits = _read_bits(s.host, s.event)
             self._act(s)
             if s.verdict is not None and s.verdict.skipped and not plain:
                 self._noop_framework_step()
@@ -827,7 +945,7 @@ class Guard:
     def _measure(self, loss_t: Tensor | None, params: list[Tensor], plain: bool) -> _Step:
         cfg = self.config
         if self.scaler is not None and self.scaler.is_enabled():
-            unscaled = plain or not self._scaler_unscaled_by_framework()
+            unscaled = plain or not _skip.scaler_unscaled(self.scaler, self.optimizer)
             if unscaled:
                 self.scaler.unscale_(self.optimizer)
         else:
@@ -873,7 +991,7 @@ class Guard:
             for d in self.detectors:
                 d.update(signals, accepted)
         lazy = self.lazy and (plain or (self.scheduler is None and not amp))
-        host, event = self._stage_bits(flags)
+        host, event = self._to_host(flags)
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
         row: dict[str, Any] = {
             "loss": loss_t,
@@ -909,36 +1027,11 @@ class Guard:
         report._settle = lambda: self._settle_report(s)
         return s
 
-    def _scaler_unscaled_by_framework(self) -> bool:
-        # Lightning unscales before its on_before_optimizer_step hook; unscaling twice raises.
-        # GradScaler has no public query for its stage: this reads its per-optimizer record.
-        states = getattr(self.scaler, "_per_optimizer_states", {})
-        stage = states.get(id(self.optimizer), {}).get("stage") if states else None
-        return getattr(stage, "name", "") == "UNSCALED"
-
-    def _stage_bits(self, flags: Tensor) -> tuple[Tensor, Any]:
-        """Start moving the flag bits to host memory without waiting for them (CUDA: a pinned
-        non-blocking copy and an event; the CPU: host memory already)."""
-        bits = (flags > 0).to(torch.uint8)
-        if bits.device.type == "cuda":
-            host = torch.empty(bits.shape, dtype=torch.uint8, pin_memory=True)
-            host.copy_(bits, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return host, event
-        return bits.to("cpu"), None
-
-    def _read(self, s: _Step) -> list[bool]:
-        if s.event is not None:
-            # Waits for the step that produced the flags, not for the work queued since.
-            s.event.synchronize()
-        return [b != 0 for b in s.host.untyped_storage().tolist()[: s.host.numel()]]
-
     def _settle_report(self, s: _Step) -> None:
         """A report's host values were asked for: settle (and act, outside a step) now."""
         if s is self._current:
             # Read during its own step (sync-free mode): decide now, act after the step.
-            s.bits = self._read(s)
+            s.bits = _read_bits(s.host, s.event)
             self._decide(s)
             return
         self.settle()
@@ -1088,23 +1181,9 @@ class Guard:
         for hook in list(self._step_hooks):
             hook(s.report)
 
-    def _agreed_snapshot(self, max_position: int | None) -> dict[str, Any] | None:
-        """The newest snapshot every rank can read: the same step on all ranks, or ``None``."""
-        snap = self.snapshots.latest(max_position=max_position)
-        if self.snapshots.directory is None or _distributed.world_size(self.process_group) <= 1:
-            return snap
-        # A disk file may be unreadable on one rank only; restoring different steps would split
-        # the replicas. Agree on the newest step all ranks hold (steps only go down: it ends).
+    def _agreed(self, max_position: int | None) -> dict[str, Any] | None:
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        while True:
-            mine = float(snap["step"]) if snap is not None else -1.0
-            ends = torch.tensor([mine, -mine], dtype=torch.float64, device=device)
-            hi, neg_lo = _distributed.agree_(ends, self.process_group).tolist()
-            if hi == -neg_lo:
-                return snap
-            if -neg_lo < 0:
-                return None
-            snap = self.snapshots.latest(max_position=max_position, max_step=int(-neg_lo))
+        return self.snapshots.agreed(max_position, self.process_group, device)
 
     def _restore(self, snap: dict[str, Any], full: bool) -> None:
         """Put model, optimizer, scheduler, scaler, RNGs and the guard back to ``snap``.
@@ -1117,6 +1196,8 @@ class Guard:
         self.policy.load_state_dict(_clone(g["policy"]))
         for d, st in zip(self.detectors, g["detectors"]):
             d.load_state_dict(_clone(st))
+        for h, st in zip(self._hook_states, g.get("hook_states", [])):
+            h.load_state_dict(_clone(st))
         if full and "counters" in g:
             self.counters.load_state_dict(g["counters"])
             self.skip_list.load_state_dict(g["skip_list"])
@@ -1128,7 +1209,7 @@ class Guard:
             self.buffers.keep_()
 
     def _rollback(self, s: _Step) -> dict[str, Any]:
-        snap = self._agreed_snapshot(self.streak_start)
+        snap = self._agreed(self.streak_start)
         if snap is None:  # a disk snapshot turned out unreadable and none is left
             self._abort(s)
         assert snap is not None
@@ -1152,7 +1233,7 @@ class Guard:
 
     def _abort(self, s: _Step) -> None:
         c = self.counters
-        snap = self._agreed_snapshot(self.streak_start) if self.snapshots.has() else None
+        snap = self._agreed(self.streak_start) if self.snapshots.has() else None
         if snap is not None:
             self._restore(snap, full=False)
             where = f"model and optimizer restored to the snapshot of step {self.step_count}"
@@ -1208,13 +1289,19 @@ class Guard:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything to continue identically: policy, detectors, counters, skip list, back-off,
-        records. Settles and acts on the pending step first (one host sync)."""
-        self._finish_pending()
+        records, and a step whose verdict is not carried out yet.
+
+        Settles the pending step (one host sync) but does not act on it: a checkpoint that
+        saved the model first must not find the guard past a rollback the model is not. The
+        loaded guard carries the verdict out at its next step, as this one would have.
+        """
+        self.settle()
         return {
             "version": STATE_VERSION,
             **self._snapshot_state(),
             "keys": list(self.keys),
             "recorder": self.recorder.state_dict(),
+            "pending": self._unacted.to_state() if self._unacted is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1253,7 +1340,16 @@ class Guard:
             self.buffers.keep_()
         if self.config.snapshot_every:
             self.snapshots.clear()
-            self.snapshot()
+            # Inside a streak of skips nothing was applied since it began: the loaded state is
+            # the state at its start, and a rollback must be able to go back there.
+            streak, pending = self.counters.streak, state.get("pending")
+            at = (self.step_count - streak, self.streak_start) if streak else None
+            if not streak and pending is not None and any(pending["bits"][2:]):
+                at = (int(pending["step"]), int(pending["position"]))  # a streak it begins
+            self._push_snapshot(*(at or (self.step_count, self.position)))
+        if state.get("pending") is not None:
+            self._unacted = _Step.from_state(state["pending"])
+            self._unacted.report._settle = self._finish_pending
 
 
 def _clone(state: Any) -> Any:

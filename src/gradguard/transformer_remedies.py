@@ -364,10 +364,11 @@ class QKClip:
     measurement is used once (the telemetry's ``generation`` tells), so measuring every k steps
     clips every k steps.
 
-    Use it as the guard's step hook (called after each applied step)::
+    Use it as the guard's post-step hook (called right after every optimizer step with a
+    device flag ``applied``; a skipped step is left as it was, in every sync mode)::
 
         clip = QKClip(tel, tau=100.0)
-        guard.register_step_hook(clip)
+        guard.register_post_step_hook(clip)
 
     Args:
         telemetry: the telemetry watching the model's attention modules.
