@@ -5,9 +5,10 @@ regression task. The data stream carries the kinds of poison real runs meet: two
 targets are 10,000 times too large (a finite loss spike, like a corrupted shard) and a window of
 four batches containing a NaN input (a broken record). The unguarded run applies whatever the
 gradients say, so the first spike throws its weights to a non-finite state and it never recovers.
-The guarded run (``gradguard.Guard``: ZClip policy, loss and gradient-norm spike detectors, the
-default skip -> rollback -> abort ladder, a snapshot every few steps) skips the spikes, rolls
-back past the NaN window, and ends where a clean run would.
+The guarded run is ``gradguard.Guard`` with its defaults (ZClip under a 1.0 cap from step 0, a
+loss-spike rule that works from the second step, a divergence detector, skip before roll back
+before abort), plus a snapshot every few steps and one incident bundle: it skips the spikes and
+the NaN window and ends finite; `gradguard replay` on the bundle names the data as the cause.
 
 Both runs use the same batches (batch ``i`` is drawn from a generator seeded with ``seed`` and
 ``i``), so they differ only by the guard.
@@ -24,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard.detect import SpikeDetector
 from gradguard.guard import Guard, GuardConfig
 from gradguard.lab._result import NullTicker, Ticker
 from gradguard.lab.data import regression
@@ -181,14 +181,10 @@ class _Run:
         self.recorder = Recorder(sinks=[JsonlSink(path)], flush_every=50)
         self.guard: Guard | None = None
         if guarded:
-            warm = max(5, steps // 15)
+            # The defaults, plus snapshots (off by default: a copy of the state costs memory)
+            # and one incident bundle, for `gradguard replay` (docs/replay.md).
             config = GuardConfig(
-                detectors=[
-                    SpikeDetector("loss", window=64, z=6.0, warmup=warm),
-                    SpikeDetector("grad_norm", window=64, z=6.0, warmup=warm),
-                ],
                 snapshot_every=max(5, steps // 20),
-                # One incident bundle (the first), for `gradguard replay` (docs/replay.md).
                 incident_dir=str(out / "incidents"),
                 incident_max=1,
             )
