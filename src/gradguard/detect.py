@@ -377,6 +377,7 @@ class DivergenceDetector(Detector):
     """
 
     name: ClassVar[str] = "divergence"
+    _last_flag: tuple[Signals, Tensor] | None = None  # check()'s flag, for update() (a cache)
     default_response: ClassVar[tuple[str, ...] | None] = ("backoff",)
     signal: ClassVar[str] = "loss"
     _config_keys = ("ratio", "beta", "warmup", "cooldown", "clip", "limit", "noise", "memory")
@@ -470,7 +471,9 @@ class DivergenceDetector(Detector):
         x, ok = v
         st = self._ensure(x)
         score = torch.where(st["count"] > 0, (st["ema"] - st["best"]).exp(), 1.0)
-        return Detection(self._flag(st, ok), score.to(torch.float32))
+        flag = self._flag(st, ok)
+        self._last_flag = (s, flag)  # update() on the same signals reuses it
+        return Detection(flag, score.to(torch.float32))
 
     def update(self, s: Signals, accepted: Tensor) -> None:
         v = self._value(s)
@@ -480,7 +483,9 @@ class DivergenceDetector(Detector):
         st = self._ensure(x)
         ema, best, last, count, wait = st["ema"], st["best"], st["last"], st["count"], st["wait"]
         dmean, dvar = st["dmean"], st["dvar"]
-        fired = self._flag(st, ok)
+        cached = self._last_flag
+        fired = cached[1] if cached is not None and cached[0] is s else self._flag(st, ok)
+        self._last_flag = None
         learn = as_bool(accepted, x.device) & ok
         first = count == 0
         x_in = torch.where(first, x, torch.minimum(x, ema + math.log(self.clip)))

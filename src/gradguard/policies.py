@@ -320,6 +320,8 @@ class ZScoreClip(ClipPolicy):
 
     _config_keys = ("alpha", "z_thresh", "warmup", "mode", "max_norm", "eps")
 
+    _last_limit: tuple[GradNorms, Tensor] | None = None  # threshold() for update() (a cache)
+
     def __init__(
         self,
         alpha: float = 0.97,
@@ -386,7 +388,10 @@ class ZScoreClip(ClipPolicy):
 
     def threshold(self, norms: GradNorms) -> Tensor:
         st = self._ensure(norms.total)
-        return self._limit(norms.total.to(st["mean"].dtype), st).to(norms.total.dtype)
+        limit = self._limit(norms.total.to(st["mean"].dtype), st)
+        # The guard asks for the threshold, then learns from the same norms: keep it for update.
+        self._last_limit = (norms, limit)
+        return limit.to(norms.total.dtype)
 
     def update(self, norms: GradNorms, clipped: Tensor | list[Tensor], accepted: Tensor) -> None:
         """Learn ``min(g, threshold)`` (class docstring); ``clipped`` is not used, since the
@@ -397,7 +402,10 @@ class ZScoreClip(ClipPolicy):
         count, mean, var = st["count"], st["mean"], st["var"]
         g = norms.total.to(mean.device, mean.dtype)
         # The statistics have not changed since threshold(): this is the threshold in force.
-        c = torch.minimum(g, self._limit(g, st))
+        cached = self._last_limit
+        limit = cached[1] if cached is not None and cached[0] is norms else self._limit(g, st)
+        self._last_limit = None
+        c = torch.minimum(g, limit)
         # g, not c: an inf norm is finite after min() with a finite threshold.
         ok = as_bool(accepted, mean.device) & g.isfinite()
         # One update rule with weight w: during warm-up w = 1/k is Welford's running mean and
