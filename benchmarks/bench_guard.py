@@ -199,8 +199,9 @@ def run(quick: bool) -> str:
         "",
         f"`benchmarks/bench_guard.py` on {platform.machine()} ({device}), torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; medians, methods timed "
-        "round-robin. The guard runs its defaults: ZClip threshold, loss and gradient-norm "
-        "spike detectors, non-finite checks, a record row per step with per-layer norms.",
+        "round-robin. The guard runs its defaults: ZClip under a 1.0 cap, the loss-spike "
+        "rule and the divergence detector, non-finite checks, a record row per step with "
+        "per-layer norms.",
         "",
         "### GPT-2 small gradients (124M fp32 values, 148 tensors)",
         "",
