@@ -375,7 +375,7 @@ def test_cli_replay_exit_codes(tmp_path, capsys):
 def test_bundle_written_under_ddp_replays_in_one_process(tmp_path):
     from tests import _dist_scale as ds
 
-    results = ds.launch(L.ddp_worker, 2, str(tmp_path), timeout=180)
+    results = ds.launch(L.ddp_worker, 2, str(tmp_path), timeout=900)  # a hang guard
     paths = [Path(r["path"]) for r in results]
     assert [p.name for p in paths] == ["incident-000000004-rank0.pt", "incident-000000004-rank1.pt"]
     b = load_bundle(paths[1])
