@@ -39,9 +39,14 @@ typecheck: $(VENV)/.dev
 pytest: $(VENV)/.dev
 	$(PY) -m pytest -n 2 -p no:cacheprovider tests
 
-# Wide, random fuzzing of every hypothesis test (profile "fuzz"): for finding bugs, not for CI.
+# Wide, random fuzzing of every hypothesis test (profile "fuzz": random examples, no database),
+# FUZZ_ROUNDS times over, each round drawing new examples: for finding bugs, not for CI.
+FUZZ_ROUNDS ?= 10
 fuzz: $(VENV)/.dev
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -n 2 -p no:cacheprovider $$(grep -l hypothesis tests/test_*.py)
+	for i in $$(seq $(FUZZ_ROUNDS)); do \
+		HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -n 2 -q -p no:cacheprovider \
+			$$(grep -l hypothesis tests/test_*.py) || exit 1; \
+	done
 
 # The documentation site, API reference included, into build/site. --strict: a broken link or
 # anchor, a page missing from the nav or a docstring griffe cannot read fails the build.
