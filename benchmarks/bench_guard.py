@@ -26,8 +26,8 @@ from torch import nn
 
 from benchmarks import markdown_table, median_ms_interleaved
 from benchmarks.bench_clip import gpt2_small_shapes, make_params
-from gradguard.guard import Guard, GuardConfig
-from gradguard.records import Recorder
+from gradguard.guard.guard import Guard, GuardConfig
+from gradguard.records.recorder import Recorder
 
 TARGETS = {"gpt2_guarded": 1.15, "lstm_guarded": 1.03}
 

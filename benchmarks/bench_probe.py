@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from benchmarks import markdown_table
-from gradguard.probe import Probe
-from gradguard.records import Recorder
+from gradguard.insight.probe import Probe
+from gradguard.records.recorder import Recorder
 
 
 def make_mlp() -> tuple[nn.Module, torch.Tensor]:

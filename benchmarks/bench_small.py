@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from benchmarks import markdown_table, median_ms_interleaved
-from gradguard.guard import Guard
+from gradguard.guard.guard import Guard
 
 TARGETS = {"mlp": 1.10, "lstm": 1.03, "tiny": None}
 

@@ -8,7 +8,7 @@ Two habits of the code base that griffe's Google parser does not know:
 * Several parameters described together (``step, position: where the step was``; ``*args,
   **kwargs: the Trainer's own``) in an ``Args:`` section. Each name gets the shared
   description, so griffe still checks every name against the signature.
-* Sphinx roles (``:class:`~gradguard.guard.Guard```, ``:meth:`state_dict```) would show as raw
+* Sphinx roles (``:class:`~gradguard.guard.guard.Guard```, ``:meth:`state_dict```) would show as raw
   text. Each becomes an optional cross-reference: a link where the target is documented, plain
   code where it is not (a private helper, a lab class), so the strict build stays strict about
   the references written as Markdown (``[Guard][gradguard.Guard]``) and about everything else.

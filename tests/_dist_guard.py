@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradguard.guard import Guard, GuardConfig
-from gradguard.policies import FixedThreshold
+from gradguard.decide.policies import FixedThreshold
+from gradguard.guard.guard import Guard, GuardConfig
 from tests._dist_scale import _wrap, batch, loss_fn, make_model
 
 

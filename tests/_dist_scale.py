@@ -235,7 +235,7 @@ def _guarded_run(
     spread it); a NaN *gradient* is written after the all-reduce. Either way only the guard's
     agreement can make the other ranks skip.
     """
-    from gradguard.guard import Guard, GuardConfig
+    from gradguard.guard.guard import Guard, GuardConfig
 
     model = _wrap(make_model(), kind, world)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -366,8 +366,8 @@ def agreement_cost(rank: int, world: int, kind: str, iters: int) -> Result:
     FSDP2, the norm's full_tensor() reduction), measured by counting and timing."""
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from gradguard import _distributed
-    from gradguard.guard import Guard, GuardConfig
+    from gradguard.core import distributed as _distributed
+    from gradguard.guard.guard import Guard, GuardConfig
 
     model = _wrap(make_model(dtype=torch.float32), kind, world)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

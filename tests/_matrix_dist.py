@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradguard.guard import Guard, GuardConfig
-from gradguard.response import Budgets
+from gradguard.guard.guard import Guard, GuardConfig
+from gradguard.guard.response import Budgets
 from tests._matrix_util import make_deferred
 
 POSITIONS = 20

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard.incident import IncidentWriter, unwrap_model
-from gradguard.rollback import rng_state
+from gradguard.core.snapshot import rng_state
+from gradguard.guard.incident import IncidentWriter
+from gradguard.records.bundle import BundleSpec, unwrap_model
 
 IN, HIDDEN, OUT, ROWS = 8, 16, 1, 16
 
@@ -114,19 +115,25 @@ def train(
         )
         if bad or step == incident_at:
             path = writer.write(
-                step=step,
-                position=step,
-                action="skip",
-                signal=signal if not bad else "nonfinite" if not math.isfinite(norm) else "spike",
-                reason=f"grad norm {norm:.3g}, loss {float(loss.detach()):.3g}",
-                batch=b,
-                rng=rng,
-                model=model,
-                optimizer=optimizer,
-                scaler=scaler,
-                history=history[-8:],
-                config={"max_norm": 1.0, "policy": object()},
-                recorded={"loss": loss.detach(), "grad_norm": norm},
+                BundleSpec(
+                    step=step,
+                    position=step,
+                    action="skip",
+                    signal=signal
+                    if not bad
+                    else "nonfinite"
+                    if not math.isfinite(norm)
+                    else "spike",
+                    reason=f"grad norm {norm:.3g}, loss {float(loss.detach()):.3g}",
+                    batch=b,
+                    rng=rng,
+                    model=model,
+                    optimizer=optimizer,
+                    scaler=scaler,
+                    history=history[-8:],
+                    config={"max_norm": 1.0, "policy": object()},
+                    recorded={"loss": loss.detach(), "grad_norm": norm},
+                )
             )
             optimizer.zero_grad(set_to_none=True)
             return path

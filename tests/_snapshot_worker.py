@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradguard.guard import Guard, GuardConfig
-from gradguard.policies import ZScoreClip
-from gradguard.rollback import SnapshotStore, capture, load_snapshot, restore, save_snapshot
+from gradguard.core.snapshot import SnapshotStore, capture, load_snapshot, restore, save_snapshot
+from gradguard.decide.policies import ZScoreClip
+from gradguard.guard.guard import Guard, GuardConfig
 
 SIZE = 192  # two 192x192 layers + AdamW state: about 0.9 MB per snapshot
 

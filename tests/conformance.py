@@ -2,7 +2,7 @@
 :func:`no_host_sync`, the guard).
 
 Plain functions, so any test module can call them on any object that follows the contract in
-``gradguard.policies`` / ``gradguard.detect``:
+``gradguard.decide.policies`` / ``gradguard.decide.detect``:
 
 * state round-trip: ``state_dict()`` -> fresh object -> ``load_state_dict()`` (also through
   ``torch.save``/``torch.load(weights_only=True)``) continues with identical outputs;
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradguard.clip import clip_coefficient
-from gradguard.detect import Detection, Detector, Signals
-from gradguard.norms import GradNorms
-from gradguard.policies import ClipPolicy
+from gradguard.core.clip import clip_coefficient
+from gradguard.core.norms import GradNorms
+from gradguard.decide.detect import Detection, Detector, Signals
+from gradguard.decide.policies import ClipPolicy
 
 # Tensor methods that copy a device value to the host (a sync on an accelerator).
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__complex__")
@@ -149,7 +149,7 @@ def norm_sequence(
 def simulate_clip(policy: ClipPolicy, norms: GradNorms) -> tuple[Any, Tensor | list[Tensor]]:
     """The threshold and the post-clip norm(s) a guard would feed back (``Clipped.learn`` of
     :meth:`ClipPolicy.clip_` on a finite step), without any gradients: the coefficient is
-    :func:`gradguard.clip.clip_coefficient`, the one the clip uses."""
+    :func:`gradguard.core.clip.clip_coefficient`, the one the clip uses."""
     limit = policy.threshold(norms)
     if isinstance(limit, Tensor):
         return limit, norms.total * clip_coefficient(limit, norms.total, "skip")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import gradguard as gg
-from gradguard import agc as agc_module
+from gradguard.core import agc as agc_module
 from tests._grads import assert_exact
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from gradguard.guard import Guard
+from gradguard.guard.guard import Guard
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradguard.cli import EXIT_USAGE, main
-from gradguard.records import read_jsonl
+from gradguard.app.cli import EXIT_USAGE, main
+from gradguard.records.sinks import read_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -256,7 +256,7 @@ def test_diagnose_bad_specs_exit_2(tmp_path, capsys):
 
 
 def test_report_from_jsonl(tmp_path):
-    from gradguard.sinks import JsonlSink
+    from gradguard.records.sinks import JsonlSink
 
     path = tmp_path / "run.jsonl"
     sink = JsonlSink(path)
@@ -299,7 +299,7 @@ def test_report_bad_input_exits_2(tmp_path, capsys):
 
 
 def test_demo_run_rejects_bad_arguments(tmp_path):
-    from gradguard import demo
+    from gradguard.app import demo
 
     with pytest.raises(ValueError, match="steps"):
         demo.run(out=tmp_path, steps=10)
@@ -309,7 +309,7 @@ def test_demo_run_rejects_bad_arguments(tmp_path):
 
 
 def test_demo_poison_plan_scales_with_steps():
-    from gradguard import demo
+    from gradguard.app import demo
 
     for steps in (20, 80, 300):
         plan = demo.poison_plan(steps)

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradguard as gg
-from gradguard._foreach import mul_each_
-from gradguard.clip import clip_each_with_norms_, clip_with_norms_
-from gradguard.norms import total_from_norms
+from gradguard.core.clip import clip_each_with_norms_, clip_with_norms_
+from gradguard.core.foreach import mul_each_
+from gradguard.core.norms import total_from_norms
 from tests import conformance as C
 from tests._grads import (
     NORM_TYPES,

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from gradguard.detect import (
+from gradguard.core.norms import grad_norms
+from gradguard.decide.detect import (
     Detector,
     DivergenceDetector,
     NonFiniteDetector,
@@ -15,8 +16,7 @@ from gradguard.detect import (
     UpdateRatioDetector,
     VanishingDetector,
 )
-from gradguard.norms import grad_norms
-from gradguard.policies import (
+from gradguard.decide.policies import (
     AGCPolicy,
     ClipPolicy,
     EMARatioClip,

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import Guard, GuardAbort
-from gradguard.detect import DivergenceDetector, SpikeDetector
-from gradguard.policies import ZScoreClip
+from gradguard.decide.detect import DivergenceDetector, SpikeDetector
+from gradguard.decide.policies import ZScoreClip
 
 Batch = tuple[Tensor, Tensor]
 

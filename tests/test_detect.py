@@ -12,7 +12,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gradguard.detect import (
+from gradguard.decide.detect import (
     Detection,
     Detector,
     DivergenceDetector,

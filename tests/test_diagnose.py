@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradguard
-from gradguard.diagnose import (
+from gradguard.core.batch import default_loss
+from gradguard.insight.diagnose import (
     Diagnosis,
     RemedyResult,
-    default_loss,
     measure_gains,
     rank_remedies,
 )
@@ -198,7 +198,7 @@ def test_deep_sigmoid_network_vanishes_and_residuals_help() -> None:
 
 def test_kaiming_relu_mlp_is_healthy() -> None:
     torch.manual_seed(0)
-    model = gradguard.remedies.reinit_(mlp(12, 64), "kaiming")
+    model = gradguard.insight.remedies.reinit_(mlp(12, 64), "kaiming")
     d = gradguard.diagnose(model, torch.randn(128, 64), remedies=False)
     assert d.verdict == "healthy"
     assert 0.8 <= d.per_layer_gain <= 1.25
@@ -344,8 +344,8 @@ def test_recurrent_and_conv_models_are_measured_and_inapplicable_remedies_say_wh
 
 def test_gain_counts_every_path_including_a_skip_around_the_first_layer() -> None:
     # x + relu(0.5 x) = 1.5 x per block for x > 0: the residual chain grows by exactly 1.5.
-    model = gradguard.remedies.add_residual(chain(0.5, depth=4))
-    assert all(isinstance(m, gradguard.remedies.Residual) for m in model)
+    model = gradguard.insight.remedies.add_residual(chain(0.5, depth=4))
+    assert all(isinstance(m, gradguard.insight.remedies.Residual) for m in model)
     d = gradguard.diagnose(model, torch.ones(1, 1), remedies=False)
     assert d.overall_gain == pytest.approx(1.5**4, rel=1e-5)
     assert [s.gain for s in d.layers] == pytest.approx([1.5] * 4, rel=1e-5)

@@ -48,8 +48,8 @@ def fixture_namespace(folder: Path) -> dict[str, Any]:
     from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
     import gradguard
-    from gradguard.records import Recorder
-    from gradguard.sinks import JsonlSink
+    from gradguard.records.recorder import Recorder
+    from gradguard.records.sinks import JsonlSink
 
     torch.manual_seed(0)
     model = _mlp()
@@ -231,7 +231,7 @@ def test_api_reference_reads_our_docstring_dialect() -> None:
     doc = (
         "Do it.\n\nArgs:\n    a, b: the pair,\n        continued.\n    *args, **kwargs: the rest.\n"
         "    c (int): one.\n\nReturns:\n    x, y: not parameters.\n\nExample:\n"
-        "    >>> f(:class:`~gradguard.guard.Guard`)\n"
+        "    >>> f(:class:`~gradguard.guard.guard.Guard`)\n"
     )
     out = ext.rewrite(doc)
     assert "    a: the pair,\n        continued.\n    b: the pair,\n        continued.\n" in out
@@ -239,7 +239,8 @@ def test_api_reference_reads_our_docstring_dialect() -> None:
     assert "    x, y: not parameters." in out  # only Args sections are split
     assert "\nExamples:\n" in out and "\nExample:\n" not in out
     assert (
-        '<autoref identifier="gradguard.guard.Guard" optional><code>Guard</code></autoref>' in out
+        '<autoref identifier="gradguard.guard.guard.Guard" optional><code>Guard</code></autoref>'
+        in out
     )
 
 

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gradguard.detect import SpikeDetector
-from gradguard.guard import Guard, GuardConfig
-from gradguard.policies import ZScoreClip
-from gradguard.response import Budgets, GuardAbort
+from gradguard.decide.detect import SpikeDetector
+from gradguard.decide.policies import ZScoreClip
+from gradguard.guard.guard import Guard, GuardConfig
+from gradguard.guard.response import Budgets, GuardAbort
 from tests._dist_scale import tally
 
 STEPS = 24

@@ -12,23 +12,23 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard.detect import (
+from gradguard.core.snapshot import rng_state, set_rng_state
+from gradguard.decide.detect import (
     NonFiniteDetector,
     SpikeDetector,
     UpdateRatioDetector,
     VanishingDetector,
 )
-from gradguard.guard import Guard, GuardConfig, StepReport
-from gradguard.policies import (
+from gradguard.decide.policies import (
     AGCPolicy,
     ClipPolicy,
     EMARatioClip,
     FixedThreshold,
     ZScoreClip,
 )
-from gradguard.records import Recorder
-from gradguard.response import Budgets, GuardAbort
-from gradguard.rollback import rng_state, set_rng_state
+from gradguard.guard.guard import Guard, GuardConfig, StepReport
+from gradguard.guard.response import Budgets, GuardAbort
+from gradguard.records.recorder import Recorder
 from tests import conformance as C
 from tests.test_guard_skip import _assert_bitwise
 

@@ -9,8 +9,8 @@ from torch import nn
 
 import gradguard
 from gradguard import Guard, GuardConfig
-from gradguard.incident import load_bundle
-from gradguard.replay import replay
+from gradguard.insight.replay import replay
+from gradguard.records.bundle import load_bundle
 
 
 def make_model() -> nn.Module:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard.guard import Guard, GuardConfig
-from gradguard.response import Budgets
+from gradguard.guard.guard import Guard, GuardConfig
+from gradguard.guard.response import Budgets
 
 N_STEPS = 24
 

@@ -27,9 +27,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradguard
-from gradguard import detect, policies, probe, records, rollback, sinks
-from gradguard.guard import Guard, GuardConfig
-from gradguard.response import Budgets
+from gradguard.core import snapshot as rollback
+from gradguard.decide import detect, policies
+from gradguard.guard import rollback as skiplist
+from gradguard.guard.guard import Guard, GuardConfig
+from gradguard.guard.response import Budgets
+from gradguard.insight import probe
+from gradguard.records import recorder as records
+from gradguard.records import sinks
 from tests._dist_scale import tally
 
 FUZZ = settings(
@@ -256,9 +261,9 @@ spec("UpdateRatioDetector", D.UpdateRatioDetector, "include_1d", is_bool)
 spec("UpdateRatioDetector", D.UpdateRatioDetector, "eps", POS)
 spec("Recorder", records.Recorder, "flush_every", int_ge(1))
 spec("SnapshotStore", rollback.SnapshotStore, "keep", int_ge(1))
-spec("SkipSampler", rollback.SkipSampler, "per_step", int_ge(1), sampler=[0, 1],
+spec("SkipSampler", skiplist.SkipSampler, "per_step", int_ge(1), sampler=[0, 1],
      should_skip=lambda m: (lambda i: False))  # fmt: skip
-spec("SkipSampler", rollback.SkipSampler, "start", int_ge(0), sampler=[0, 1],
+spec("SkipSampler", skiplist.SkipSampler, "start", int_ge(0), sampler=[0, 1],
      should_skip=lambda m: (lambda i: False))  # fmt: skip
 for _arg in ("skip", "backoff", "rollback"):
     spec("Budgets", Budgets, _arg, int_ge(0))
@@ -304,7 +309,7 @@ spec("Probe", _closing(probe.Probe), "start_step", int_ge(0), model=lambda m: m)
 spec("Probe", _closing(probe.Probe), "trace", is_bool, model=lambda m: m)
 spec("JsonlSink", _closing(sinks.JsonlSink), "append", is_bool, path=_tmp_file)
 # remedies and diagnose (set-up code: plain numbers, read on the host)
-R = gradguard.remedies
+R = gradguard.insight.remedies
 PERCENT = _real(lambda v: 0 <= v <= 100)
 spec("l2_penalty", R.l2_penalty, "weight", NONNEG, model=lambda m: m)
 spec("suggest_clip_threshold", R.suggest_clip_threshold, "percentile", PERCENT, norms=[1.0, 2.0])
@@ -544,7 +549,7 @@ STATEFUL: list[tuple[str, Callable[[], Any]]] = [
     ("DivergenceDetector", lambda: detect.DivergenceDetector(warmup=2)),
     ("VanishingDetector", lambda: detect.VanishingDetector()),
     ("Recorder", lambda: records.Recorder(flush_every=2)),
-    ("SkipList", lambda: rollback.SkipList()),
+    ("SkipList", lambda: skiplist.SkipList()),
 ]
 
 
@@ -562,7 +567,7 @@ def _feed(obj: Any) -> None:
     elif isinstance(obj, records.Recorder):
         obj.log(0, loss=torch.tensor(1.0))
         obj.flush()
-    elif isinstance(obj, rollback.SkipList):
+    elif isinstance(obj, skiplist.SkipList):
         obj.add(3, 5)
 
 

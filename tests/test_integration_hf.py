@@ -18,9 +18,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from gradguard.guard import GuardConfig
-from gradguard.incident import load_bundle
+from gradguard.guard.guard import GuardConfig
 from gradguard.integrations.transformers import GuardCallback, GuardedTrainer
+from gradguard.records.bundle import load_bundle
 from tests._state import state_diff, states_equal
 
 STEPS = 8

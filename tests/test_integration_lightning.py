@@ -15,9 +15,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from gradguard.guard import GuardConfig
-from gradguard.incident import load_bundle
+from gradguard.guard.guard import GuardConfig
 from gradguard.integrations.lightning import GuardCallback
+from gradguard.records.bundle import load_bundle
 from tests._state import state_diff, states_equal
 
 # Lightning 2.6 builds a LeafSpec on every fit; typing_extensions flags that as deprecated.

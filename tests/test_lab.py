@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradguard.lab import (
+from gradguard.app.lab import (
     EXPERIMENTS,
     LabResult,
     chain,
@@ -20,8 +20,8 @@ from gradguard.lab import (
     spike,
     vectors,
 )
-from gradguard.lab.data import adding_problem, markov_tokens, markov_transition, regression
-from gradguard.lab.models import TanhRNN, TinyLM, deep_mlp
+from gradguard.app.lab.data import adding_problem, markov_tokens, markov_transition, regression
+from gradguard.app.lab.models import TanhRNN, TinyLM, deep_mlp
 
 
 @pytest.fixture(autouse=True)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard.lab import _methods, stability
-from gradguard.lab._methods import METHODS, OlmoSkipStep, Stopped, guard_method, timm_agc_
-from gradguard.lab._metrics import lr_sensitivity, median, recovery_steps, spike_score, spread
-from gradguard.lab._scenarios import SCENARIOS, corpus
+from gradguard.app.lab import _methods, stability
+from gradguard.app.lab._methods import METHODS, OlmoSkipStep, Stopped, guard_method, timm_agc_
+from gradguard.app.lab._metrics import lr_sensitivity, median, recovery_steps, spike_score, spread
+from gradguard.app.lab._scenarios import SCENARIOS, corpus
 
 # -- metrics on hand-made curves -----------------------------------------------------------------
 
@@ -208,6 +208,6 @@ def test_unknown_names_are_rejected():
 
 
 def test_cli_runs_stability_alone():
-    from gradguard.cli import main
+    from gradguard.app.cli import main
 
     assert main(["lab", "stability", "chain", "--out", "/nonexistent-never-written"]) == 2

@@ -37,8 +37,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard.guard import Guard, GuardConfig
-from gradguard.response import Budgets
+from gradguard.guard.guard import Guard, GuardConfig
+from gradguard.guard.response import Budgets
 from tests._matrix_util import UsedHyperparameters, assert_same, make_deferred
 
 N_POSITIONS = 14

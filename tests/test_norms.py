@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradguard as gg
-from gradguard.norms import total_from_norms
+from gradguard.core.norms import total_from_norms
 from tests._grads import NORM_TYPES, assert_exact, build, grad_specs, torch_can
 
 

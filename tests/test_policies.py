@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zclip import ZClip
 
-from gradguard.agc import agc_
-from gradguard.clip import Clipped
-from gradguard.norms import GradNorms, get_total_norm, grad_norms
-from gradguard.policies import (
+from gradguard.core.agc import agc_
+from gradguard.core.clip import Clipped
+from gradguard.core.norms import GradNorms, get_total_norm, grad_norms
+from gradguard.decide.policies import (
     AGCPolicy,
     EMARatioClip,
     FixedThreshold,

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gradguard.probe import NonFiniteOrigin, Probe
-from gradguard.records import Recorder
+from gradguard.insight.probe import NonFiniteOrigin, Probe
+from gradguard.records.recorder import Recorder
 from tests.conformance import no_host_sync
 
 # Ops that read a tensor's value on the host (a device sync on an accelerator).
@@ -130,8 +130,8 @@ def test_nonfinite_data_is_reported_with_nonfinite_inputs() -> None:
 def test_the_tracer_works_without_a_probe_and_the_probe_reexports_its_names() -> None:
     # The non-finite trace is its own module; the probe only switches it on and records.
     import gradguard
-    from gradguard import probe as probe_mod
-    from gradguard import trace
+    from gradguard.insight import probe as probe_mod
+    from gradguard.insight import trace
 
     for name in ("NonFiniteOrigin", "NonFiniteTrace", "TensorState"):
         assert getattr(probe_mod, name) is getattr(trace, name)

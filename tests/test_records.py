@@ -19,8 +19,15 @@ from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gradguard.records import SCHEMA_VERSION, Named, Recorder
-from gradguard.sinks import ConsoleSink, CsvSink, JsonlSink, TensorBoardSink, read_csv, read_jsonl
+from gradguard.records.recorder import SCHEMA_VERSION, Named, Recorder
+from gradguard.records.sinks import (
+    ConsoleSink,
+    CsvSink,
+    JsonlSink,
+    TensorBoardSink,
+    read_csv,
+    read_jsonl,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -271,7 +278,7 @@ def test_console_prints_each_incident_once_across_flush_boundaries() -> None:
 
 @pytest.mark.parametrize("flush_every", [1, 3, 50])
 def test_console_says_each_skip_of_a_real_guard_once(flush_every: int) -> None:
-    from gradguard.guard import Guard
+    from gradguard.guard.guard import Guard
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -315,17 +322,15 @@ def test_read_jsonl_refuses_rows_a_report_cannot_use(tmp_path: Path) -> None:
         read_jsonl(path)
 
 
-def test_read_jsonl_lives_beside_jsonl_sink_and_keeps_its_old_names() -> None:
+def test_read_jsonl_lives_beside_jsonl_sink_and_the_package_face() -> None:
     import gradguard
-    import gradguard.records
-    import gradguard.sinks
+    import gradguard.records.sinks
 
-    assert gradguard.sinks.read_jsonl.__module__ == "gradguard.sinks"
-    assert gradguard.records.read_jsonl is gradguard.sinks.read_jsonl
-    assert gradguard.read_jsonl is gradguard.sinks.read_jsonl
+    assert gradguard.records.sinks.read_jsonl.__module__ == "gradguard.records.sinks"
+    assert gradguard.read_jsonl is gradguard.records.sinks.read_jsonl
     # either module may be imported first, in a fresh interpreter
-    for first in ("gradguard.sinks", "gradguard.records"):
-        code = f"import {first}; from gradguard.records import read_jsonl; print('ok')"
+    for first in ("gradguard.records.sinks", "gradguard.records.recorder"):
+        code = f"import {first}; from gradguard.records.sinks import read_jsonl; print('ok')"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert out.stdout.strip() == "ok", out.stderr
 
@@ -406,9 +411,9 @@ WRITER = textwrap.dedent(
     """
     import sys, torch
     from torch import nn
-    from gradguard.records import Recorder
-    from gradguard.sinks import JsonlSink
-    from gradguard.probe import Probe
+    from gradguard.records.recorder import Recorder
+    from gradguard.records.sinks import JsonlSink
+    from gradguard.insight.probe import Probe
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     rec = Recorder([JsonlSink(sys.argv[1])], flush_every=3)
@@ -450,8 +455,8 @@ def test_report_builds_from_jsonl_written_by_an_earlier_process(tmp_path: Path) 
 def test_guard_actions_and_probe_findings_share_one_stream(tmp_path: Path) -> None:
     from torch import nn
 
-    from gradguard.guard import Guard
-    from gradguard.probe import Probe
+    from gradguard.guard.guard import Guard
+    from gradguard.insight.probe import Probe
 
     class NaNAt(nn.Module):
         def __init__(self) -> None:

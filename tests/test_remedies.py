@@ -1,4 +1,4 @@
-"""Model transforms of gradguard.remedies, each against a closed form or torch itself."""
+"""Model transforms of gradguard.insight.remedies, each against a closed form or torch itself."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gradguard import remedies as R
+from gradguard.core.batch import model_input
+from gradguard.insight import remedies as R
 
 
 @pytest.fixture(autouse=True)
@@ -232,9 +233,9 @@ def test_suggest_clip_threshold_validates() -> None:
 
 def test_model_input() -> None:
     x = torch.zeros(2)
-    assert R.model_input(x) is x and R.model_input((x, 1)) is x
+    assert model_input(x) is x and model_input((x, 1)) is x
     with pytest.raises(ValueError, match="non-empty"):
-        R.model_input(())
+        model_input(())
 
 
 def test_insert_norm_refuses_a_model_without_hidden_layers() -> None:

@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard.cli import main
-from gradguard.incident import BundleError, IncidentWriter, forward_rng_state, load_bundle
-from gradguard.replay import NotReproducible, ReplayError, replay
+from gradguard.app.cli import main
+from gradguard.core.snapshot import capture, forward_rng_state, restore, rng_state, save_snapshot
+from gradguard.guard.incident import IncidentWriter
+from gradguard.insight.replay import NotReproducible, ReplayError, replay
+from gradguard.records.bundle import BundleError, BundleSpec, load_bundle
 from gradguard.report.incident import build_incident_page, render_incident
-from gradguard.rollback import capture, restore, rng_state, save_snapshot
 from tests import _replay_loop as L
 
 
@@ -216,12 +217,12 @@ def test_writer_caps_count_actions_and_batch_size(tmp_path):
     args = dict(position=0, signal="s", reason="r", batch=(x, y), rng=rng_state(), model=model,
                 optimizer=opt)  # fmt: skip
     w = IncidentWriter(tmp_path, actions=("skip",), max_count=2)
-    assert w.write(step=0, action="log", **args) is None
+    assert w.write(BundleSpec(step=0, action="log", **args)) is None
     assert not w.wants("log") and w.wants("skip")
-    first = w.write(step=0, action="skip", **args)
-    second = w.write(step=0, action="skip", **args)  # same step twice: a new name
+    first = w.write(BundleSpec(step=0, action="skip", **args))
+    second = w.write(BundleSpec(step=0, action="skip", **args))  # same step twice: a new name
     assert first is not None and second is not None and first != second
-    assert w.write(step=1, action="skip", **args) is None and w.dropped == 1
+    assert w.write(BundleSpec(step=1, action="skip", **args)) is None and w.dropped == 1
     assert not w.wants("skip")
     state = w.state_dict()
     again = IncidentWriter(tmp_path, max_count=2)
@@ -229,7 +230,7 @@ def test_writer_caps_count_actions_and_batch_size(tmp_path):
     assert again.state_dict() == state and not again.wants("skip")
 
     small = IncidentWriter(tmp_path / "small", max_batch_bytes=100)
-    path = small.write(step=3, action="skip", sampler={"epoch": 1, "index": 48}, **args)
+    path = small.write(BundleSpec(step=3, action="skip", sampler={"epoch": 1, "index": 48}, **args))
     assert path is not None
     b = load_bundle(path)
     assert not b.has_batch and b.batch is None and b.sampler == {"epoch": 1, "index": 48}
@@ -308,11 +309,11 @@ def test_json_and_html_page_escape_what_the_bundle_says(tmp_path):
     x, y = L.batch(0)
     x[1] = float("nan")
     loss = L.loss_fn(model(x), (x, y))
-    path = IncidentWriter(tmp_path).write(
+    path = IncidentWriter(tmp_path).write(BundleSpec(
         step=0, position=0, action="skip", signal="nonfinite",
         reason='<script>alert("x")</script>', batch=(x, y), rng=rng_state(), model=model,
         optimizer=adam(model), recorded={"loss": loss.detach(), "grad_norm": float("nan")},
-    )  # fmt: skip
+    ))  # fmt: skip
     assert path is not None
     r = replay(path, lambda: L.mlp(seed=1))
     assert r.kind == "data" and r.culprits == [1]
@@ -400,8 +401,8 @@ def test_the_pre_step_rng_state_is_what_makes_dropout_reproduce(tmp_path):
     common = dict(step=0, position=0, action="skip", signal="s", reason="r", batch=(x, y),
                   model=model, optimizer=adam(model), recorded=rec)  # fmt: skip
     writer = IncidentWriter(tmp_path)
-    right = writer.write(rng=before, **common)
-    wrong = writer.write(rng=forward_rng_state(), **common)
+    right = writer.write(BundleSpec(rng=before, **common))
+    wrong = writer.write(BundleSpec(rng=forward_rng_state(), **common))
     assert right is not None and wrong is not None
     assert replay(right, lambda: L.mlp(seed=1, dropout=0.5)).differs == []
     assert replay(wrong, lambda: L.mlp(seed=1, dropout=0.5)).kind == "transient"
@@ -441,11 +442,11 @@ def test_keyword_batch_as_a_framework_hands_it(tmp_path):
     batch = {"inputs": x, "labels": y}
     out = model(**batch)
     out["loss"].backward()
-    path = IncidentWriter(tmp_path).write(
+    path = IncidentWriter(tmp_path).write(BundleSpec(
         step=0, position=0, action="skip", signal="nonfinite", reason="inf loss", batch=batch,
         rng=forward_rng_state(), model=model, optimizer=adam(model),
         recorded={"loss": out["loss"].detach(), "grad_norm": L.grad_norm(model)},
-    )  # fmt: skip
+    ))  # fmt: skip
     assert path is not None and set(load_bundle(path).batch) == {"inputs", "labels"}
     r = replay(path, KeywordModel)
     assert r.kind == "data", r.summary

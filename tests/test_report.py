@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from gradguard.records import read_jsonl
+from gradguard.records.sinks import read_jsonl
 from gradguard.report import build_report, write_figures
 from gradguard.report.figures import clip_rate, gradient_flow, layer_heatmap, norm_timeline
 
@@ -70,10 +70,10 @@ WRITER = textwrap.dedent(
             f.write(json.dumps(enc(r)) + "\\n")
 
     # A real guarded run through the JSONL sink, a NaN batch at step 25, then its diagnosis.
-    from gradguard.guard import Guard, GuardConfig
-    from gradguard.policies import FixedThreshold
-    from gradguard.records import Recorder
-    from gradguard.sinks import JsonlSink
+    from gradguard.guard.guard import Guard, GuardConfig
+    from gradguard.decide.policies import FixedThreshold
+    from gradguard.records.recorder import Recorder
+    from gradguard.records.sinks import JsonlSink
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -380,7 +380,7 @@ def test_report_explains_step_and_position_where_the_records_have_both(tmp_path:
 def test_report_command_refuses_a_bad_step_with_exit_2_and_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gradguard.cli import main
+    from gradguard.app.cli import main
 
     path = tmp_path / "run.jsonl"
     good = {"v": 1, "kind": "step", "step": 0, "loss": 1.0}

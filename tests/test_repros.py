@@ -20,9 +20,9 @@ from torch.optim import lr_scheduler as S
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 import gradguard
-from gradguard.detect import SpikeDetector
-from gradguard.guard import Guard, GuardAbort, GuardConfig
-from gradguard.response import Budgets
+from gradguard.decide.detect import SpikeDetector
+from gradguard.guard.guard import Guard, GuardAbort, GuardConfig
+from gradguard.guard.response import Budgets
 from tests._matrix_util import UsedHyperparameters, assert_same, make_deferred
 
 

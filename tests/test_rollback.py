@@ -11,9 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard.rollback import (
-    SkipList,
-    SkipSampler,
+from gradguard.core.snapshot import (
     SnapshotError,
     SnapshotStore,
     capture,
@@ -24,6 +22,7 @@ from gradguard.rollback import (
     save_snapshot,
     set_rng_state,
 )
+from gradguard.guard.rollback import SkipList, SkipSampler
 
 
 def _trained() -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -284,7 +283,7 @@ def _fsdp_disk_roundtrip(rank: int, world: int, directory: str) -> dict[str, obj
 def _resume_with_one_rank_damaged(rank: int, world: int, directory: str) -> list[int]:
     """Guarded FSDP2 run with snapshots every step; rank 1's newest file is then truncated. A
     resume must still pick the same step on every rank (the newest one all ranks can read)."""
-    from gradguard.guard import Guard, GuardConfig
+    from gradguard.guard.guard import Guard, GuardConfig
     from tests import _dist_scale as ds
 
     def build() -> tuple[nn.Module, torch.optim.Optimizer, Guard]:
@@ -325,7 +324,7 @@ def test_fsdp2_disk_snapshots_restore_each_ranks_own_shards(tmp_path: Path) -> N
 
 
 def test_guard_keeps_an_earlier_runs_snapshots_until_resumed(tmp_path: Path) -> None:
-    from gradguard.guard import Guard, GuardConfig
+    from gradguard.guard.guard import Guard, GuardConfig
 
     def build() -> tuple[nn.Module, torch.optim.Optimizer, Guard]:
         torch.manual_seed(0)

@@ -23,14 +23,20 @@ import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradguard.rollback import SnapshotError, SnapshotStore, load_snapshot, save_snapshot
+from gradguard.core.snapshot import SnapshotError, SnapshotStore, load_snapshot, save_snapshot
 from tests import _snapshot_worker as sw
 from tests._dist_scale import tally
 
 KILLS = 20
 # Imported once by the fork server, so each writer starts in milliseconds. torch._dynamo is what
 # an optimizer's first step() imports (seconds).
-PRELOAD = ["torch", "torch._dynamo", "torch.optim", "gradguard.guard", "tests._snapshot_worker"]
+PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "torch.optim",
+    "gradguard.guard.guard",
+    "tests._snapshot_worker",
+]
 
 
 def _ctx() -> Any:
@@ -106,7 +112,7 @@ def test_sigkill_during_snapshot_writes_never_loses_the_last_good_one(tmp_path: 
 
 @pytest.fixture(scope="module")
 def two_snapshots(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from gradguard.rollback import capture
+    from gradguard.core.snapshot import capture
 
     d = tmp_path_factory.mktemp("snaps")
     for step in (1, 2):
@@ -164,7 +170,7 @@ def test_damaged_snapshot_gives_a_clear_error_and_the_store_falls_back(
 
 def test_snapshot_files_hold_no_pickled_objects(tmp_path: Path) -> None:
     """weights_only=True loads them, and a file with an arbitrary object is refused."""
-    from gradguard.rollback import capture
+    from gradguard.core.snapshot import capture
 
     model, opt = sw.filled_run(3)
     path = save_snapshot(tmp_path / "s.pt", capture(model, opt, step=3, position=3))

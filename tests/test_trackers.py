@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from gradguard.records import SCHEMA_VERSION, Recorder
-from gradguard.sinks import JsonlSink, MlflowSink, WandbSink, metrics, read_jsonl
+from gradguard.records.recorder import SCHEMA_VERSION, Recorder
+from gradguard.records.sinks import JsonlSink, MlflowSink, WandbSink, metrics, read_jsonl
 from tests._wandb import offline_env, wandb_history
 from tests.test_records import same, sample_rows, write_all
 
@@ -178,7 +178,7 @@ def test_tracker_sinks_beside_jsonl_in_a_guarded_run(wandb_offline: Path, tmp_pa
     """One recorder, three sinks: what W&B and MLflow hold equals what the JSONL file holds."""
     from mlflow.tracking import MlflowClient
 
-    from gradguard.guard import Guard
+    from gradguard.guard.guard import Guard
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     wb = WandbSink(project="gradguard-test", mode="offline", dir=str(wandb_offline))

@@ -14,17 +14,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gradguard.attention import (
+from gradguard.app.lab.models import TinyLM
+from gradguard.decide.attention import (
     AttentionLogitDetector,
-    AttentionTelemetry,
     LogZDetector,
     PreconditionerLagDetector,
-    attention_max_logits,
-    logz_stats,
     preconditioner_lag,
 )
-from gradguard.lab.models import TinyLM
-from gradguard.transformer_remedies import (
+from gradguard.insight.telemetry import AttentionTelemetry, attention_max_logits, logz_stats
+from gradguard.insight.transformer_remedies import (
     QKClip,
     QKNormMultiheadAttention,
     ZLoss,
@@ -289,8 +287,8 @@ def test_telemetry_every_k_eval_and_row() -> None:
 
 
 def test_telemetry_has_no_host_sync_and_goes_through_the_recorder() -> None:
-    from gradguard.detect import UpdateRatioDetector
-    from gradguard.records import Recorder
+    from gradguard.decide.detect import UpdateRatioDetector
+    from gradguard.records.recorder import Recorder
 
     model = tiny_lm()
     tel = AttentionTelemetry(model, output="out")
@@ -565,7 +563,7 @@ def test_preconditioner_lag_detector() -> None:
 
 
 def test_detectors_with_the_guard() -> None:
-    from gradguard.guard import Guard, GuardConfig
+    from gradguard.guard.guard import Guard, GuardConfig
 
     model = tiny_lm()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -598,7 +596,7 @@ def test_detectors_with_the_guard() -> None:
 
 
 def test_measure_blocks_follow_the_residual_stream() -> None:
-    from gradguard.diagnose import measure_blocks
+    from gradguard.insight.diagnose import measure_blocks
 
     model = tiny_lm()
     x = tokens()
@@ -648,7 +646,7 @@ def test_diagnose_ranks_probed_transformer_remedies() -> None:
 
 
 def test_lab_spike_step() -> None:
-    from gradguard.lab.transformer import spike_step
+    from gradguard.app.lab.transformer import spike_step
 
     assert spike_step([4.0, 3.0, 2.5] + [2.5] * 10 + [3.6]) == 13
     assert spike_step([4.0] * 5 + [math.nan] * 10) == 10  # non-finite counts, after step 10
@@ -656,7 +654,7 @@ def test_lab_spike_step() -> None:
 
 
 def test_lab_run_one_is_deterministic_and_measures() -> None:
-    from gradguard.lab.transformer import run_one
+    from gradguard.app.lab.transformer import run_one
 
     a = run_one("qk-clip", 0.3, 0, quick=True, steps=6)
     b = run_one("qk-clip", 0.3, 0, quick=True, steps=6)
@@ -671,7 +669,7 @@ def test_lab_run_one_is_deterministic_and_measures() -> None:
 
 
 def test_lab_tables_from_runs() -> None:
-    from gradguard.lab.transformer import Run, _false_alarms, _lead_rows
+    from gradguard.app.lab.transformer import Run, _false_alarms, _lead_rows
 
     def make(scenario: str, lr: float, spike: int | None, warn: list[int]) -> Run:
         return Run(scenario, "none", lr, 0, 100, 4.5, 3.0, [], [], [], {"attn_logit": warn}, spike)
@@ -684,7 +682,7 @@ def test_lab_tables_from_runs() -> None:
 
 
 def test_cli_lab_transformer_runs_alone() -> None:
-    from gradguard.cli import main
+    from gradguard.app.cli import main
 
     assert main(["lab", "transformer", "chain", "--out", "/nonexistent-never-written"]) == 2
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from gradguard.cli import main
+from gradguard.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
 """Turn the guard's flushed record rows into flat metrics a framework logger accepts.
 
-Both adapters read the guard's own rows (:mod:`gradguard.records`) instead of measuring again:
-the numbers in the trainer's logs are exactly the ones the guard decided on, and they reach the
-host in the guard's batched flush, never one ``.item()`` per value.
+Both adapters read the guard's own rows (:mod:`gradguard.records.recorder`) instead of measuring
+again: the numbers in the trainer's logs are exactly the ones the guard decided on, and they reach
+the host in the guard's batched flush, never one ``.item()`` per value.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gradguard.guard import GuardConfig
-from gradguard.records import Recorder, Row
-from gradguard.response import SKIPPING as _SKIPPING
+from gradguard.guard.guard import GuardConfig
+from gradguard.guard.response import SKIPPING as _SKIPPING
+from gradguard.records.recorder import Recorder, Row
 
 
 def check_adapter_args(config: Any, recorder: Any, prefix: Any) -> None:

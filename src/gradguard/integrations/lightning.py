@@ -6,7 +6,7 @@ Wiring, by Lightning hook (Lightning 2.x):
   ``on_before_optimizer_step``, so it would clip a second time, after the guard, with another
   threshold. Set ``gradient_clip_val=None`` and give the guard the threshold instead.
 * ``on_train_start`` (optimizers, schedulers and a checkpoint's states are loaded by then): build
-  the :class:`~gradguard.guard.Guard` over the module, its optimizer, its LR scheduler and the
+  the :class:`~gradguard.guard.guard.Guard` over the module, its optimizer, its LR scheduler and the
   AMP scaler, and load the guard state a checkpoint brought.
 * ``on_before_backward``: keep the step's loss (summed over accumulated micro-batches, divided
   by the AMP loss scale) for the loss-spike detector and the records.
@@ -31,9 +31,9 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
-from gradguard.guard import Guard, GuardConfig
+from gradguard.guard.guard import Guard, GuardConfig
 from gradguard.integrations._metrics import RowBuffer, check_adapter_args, step_metrics
-from gradguard.records import Recorder
+from gradguard.records.recorder import Recorder
 
 __all__ = ["GuardCallback"]
 
@@ -42,7 +42,7 @@ class GuardCallback(pl.Callback):
     """Guard a Lightning run: adaptive clipping, skipped bad steps, metrics in the loggers.
 
     Args:
-        config: the guard's :class:`~gradguard.guard.GuardConfig` (``None``: defaults).
+        config: the guard's :class:`~gradguard.guard.guard.GuardConfig` (``None``: defaults).
         recorder: where the guard's rows also go (``None``: kept in memory,
             ``callback.guard.records``); the callback adds a sink that feeds the loggers.
         process_group: the ranks that must agree on every decision (``None``: the default
@@ -51,7 +51,7 @@ class GuardCallback(pl.Callback):
         prefix: metric name prefix.
 
     Attributes:
-        guard: the :class:`~gradguard.guard.Guard`, built when training starts.
+        guard: the :class:`~gradguard.guard.guard.Guard`, built when training starts.
 
     Example:
         >>> cb = GuardCallback(GuardConfig(policy=FixedThreshold(1.0)))

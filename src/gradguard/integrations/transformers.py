@@ -50,10 +50,10 @@ from torch import Tensor
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from gradguard.guard import Guard, GuardConfig
+from gradguard.decide.policies import FixedThreshold
+from gradguard.guard.guard import Guard, GuardConfig
 from gradguard.integrations._metrics import RowBuffer, check_adapter_args, window_metrics
-from gradguard.policies import FixedThreshold
-from gradguard.records import Recorder
+from gradguard.records.recorder import Recorder
 
 __all__ = ["STATE_FILE", "GuardCallback", "GuardedTrainer", "GuardedTrainerMixin"]
 
@@ -71,7 +71,7 @@ class GuardCallback(TrainerCallback):
     """A ``TrainerCallback`` that guards every optimizer step of a ``transformers.Trainer``.
 
     Args:
-        config: the guard's :class:`~gradguard.guard.GuardConfig` (``None``: defaults).
+        config: the guard's :class:`~gradguard.guard.guard.GuardConfig` (``None``: defaults).
         recorder: where the guard's rows also go (``None``: kept in memory,
             ``callback.guard.records``).
         process_group: the ranks that must agree on every decision (``None``: the default
@@ -83,7 +83,7 @@ class GuardCallback(TrainerCallback):
         prefix: metric name prefix.
 
     Attributes:
-        guard: the :class:`~gradguard.guard.Guard`, built in ``on_train_begin``.
+        guard: the :class:`~gradguard.guard.guard.Guard`, built in ``on_train_begin``.
         resume_from: a checkpoint folder whose ``gradguard.pt`` ``on_train_begin`` loads
             (:class:`GuardedTrainer` sets it from ``train(resume_from_checkpoint=...)``).
 
@@ -322,7 +322,7 @@ class GuardedTrainerMixin:
     ``train(resume_from_checkpoint=...)``.
 
     Args:
-        guard_config: the :class:`~gradguard.guard.GuardConfig` of the added callback.
+        guard_config: the :class:`~gradguard.guard.guard.GuardConfig` of the added callback.
         take_over_clipping: see :class:`GuardCallback`.
         *args, **kwargs: the ``Trainer``'s own.
     """
@@ -349,7 +349,7 @@ class GuardedTrainerMixin:
 
     @property
     def guard(self) -> Guard:
-        """The :class:`~gradguard.guard.Guard` (built when training starts)."""
+        """The :class:`~gradguard.guard.guard.Guard` (built when training starts)."""
         if self.guard_callback.guard is None:
             raise RuntimeError("the guard is built when training starts (trainer.train())")
         return self.guard_callback.guard

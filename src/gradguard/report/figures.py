@@ -1,6 +1,6 @@
 """Figures built from records alone: gradient flow, norm timeline, clip rate, layer heatmap.
 
-Every function takes host rows (see :mod:`gradguard.records`) and returns a matplotlib
+Every function takes host rows (see :mod:`gradguard.records.recorder`) and returns a matplotlib
 ``Figure`` (or ``None`` when the rows hold nothing to plot); no live model is needed, so a report
 can be drawn long after the run, from its JSONL file. Figures are built with the object API
 (``matplotlib.figure.Figure``), not pyplot: no global state, no GUI backend, safe in a server.
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from gradguard.records import Row
+from gradguard.records.recorder import Row
 
 __all__ = [
     "clip_rate",

@@ -17,9 +17,9 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from gradguard.records import Row
+from gradguard.records.recorder import Row
+from gradguard.records.sinks import read_jsonl
 from gradguard.report.figures import render_figures
-from gradguard.sinks import read_jsonl
 
 __all__ = ["build_report", "render_html"]
 

@@ -128,7 +128,7 @@ def _model(d: dict[str, Any]) -> str:
 
 
 def render_incident(result: Any) -> str:
-    """The page as one HTML string; ``result`` is a :class:`~gradguard.replay.Replay` or its
+    """The page as one HTML string; ``result`` is a :class:`~gradguard.insight.replay.Replay` or its
     ``to_dict()``."""
     d: dict[str, Any] = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     facts: list[list[Any]]

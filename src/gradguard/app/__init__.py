@@ -1,0 +1,1 @@
+"""APP: the ``gradguard`` command line, its demo and the lab of reproducible experiments."""
