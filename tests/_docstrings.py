@@ -24,7 +24,7 @@ from typing import Any
 from tests._docs import DOCS, ROOT
 
 # Names the API pages show beyond ``gradguard.<name>``.
-EXTRA = ("sinks.read_csv", "sinks.metrics")
+EXTRA = ("records.sinks.read_csv", "records.sinks.metrics")
 
 
 def _extension() -> Any:

@@ -399,7 +399,7 @@ NO_SCALAR_ARGS = {
     "save_snapshot", "set_rng_state", "to_cpu", "Diagnosis", "diagnose", "Guard", "StepReport",
     "GuardAbort", "ConsoleSink", "CsvSink", "NonFiniteOrigin", "NonFiniteTrace", "TensorState",
     "read_csv", "Stage", "Named", "Bundle", "BundleError", "load_bundle", "Replay", "replay",
-    "metrics", "WandbSink", "MlflowSink",
+    "metrics", "WandbSink", "MlflowSink", "BundleSpec", "forward_rng_state",
 }  # fmt: skip
 
 
@@ -712,6 +712,6 @@ def test_hostile_names_round_trip_through_the_sinks(tmp_path: Path, sink: str) -
     rec.log(0, loss=torch.tensor(0.5), layers={HOSTILE_NAME: torch.tensor(1.5), "b": 2.0})
     rec.event(1, "action", action="skip", reason=HOSTILE_NAME)
     rec.close()
-    rows = records.read_jsonl(path) if sink == "jsonl" else sinks.read_csv(path)
+    rows = sinks.read_jsonl(path) if sink == "jsonl" else sinks.read_csv(path)
     assert rows[0]["layers"][HOSTILE_NAME] == 1.5 and rows[0]["loss"] == 0.5
     assert rows[1]["reason"] == HOSTILE_NAME

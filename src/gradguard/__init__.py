@@ -53,6 +53,7 @@ from gradguard.insight.replay import Replay as Replay
 from gradguard.insight.replay import replay as replay
 from gradguard.records.bundle import Bundle as Bundle
 from gradguard.records.bundle import BundleError as BundleError
+from gradguard.records.bundle import BundleSpec as BundleSpec
 from gradguard.records.bundle import load_bundle as load_bundle
 from gradguard.records.recorder import Recorder as Recorder
 from gradguard.records.sinks import ConsoleSink as ConsoleSink

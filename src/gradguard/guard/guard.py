@@ -86,13 +86,12 @@ from gradguard.core.snapshot import (
 from gradguard.decide.detect import (
     Detection,
     Detector,
-    DivergenceDetector,
     NonFiniteDetector,
     Signals,
-    SpikeDetector,
 )
-from gradguard.decide.policies import ClipPolicy, ZScoreClip
+from gradguard.decide.policies import ClipPolicy
 from gradguard.guard import skip as _skip
+from gradguard.guard.defaults import default_detectors, default_policy
 from gradguard.guard.incident import IncidentWriter
 from gradguard.guard.response import (
     DEFAULT_LADDER,
@@ -118,13 +117,11 @@ class GuardConfig:
     """How a :class:`Guard` measures, decides and responds.
 
     Attributes:
-        policy: the clipping policy (``None``: ZClip under a cap of 1.0,
-            ``ZScoreClip(max_norm=1.0)``).
-        detectors: detectors (``None``: ``SpikeDetector("loss", bootstrap=10.0)``, a tenfold
-            loss jump from the third step and then OLMo-core's 128-step window at 6 sigma, and
-            ``DivergenceDetector()``, which backs the LR off). Non-finite checks are built in; a
-            :class:`~gradguard.decide.detect.NonFiniteDetector` given here replaces the built-in
-            rule.
+        policy: the clipping policy (``None``:
+            :func:`gradguard.guard.defaults.default_policy`).
+        detectors: detectors (``None``: :func:`gradguard.guard.defaults.default_detectors`).
+            Non-finite checks are built in; a :class:`~gradguard.decide.detect.NonFiniteDetector`
+            given here replaces the built-in rule.
         responses: ladder per signal, keyed ``"name:signal"`` (``"spike:loss"``), ``name``
             (``"spike"``) or ``"nonfinite"``; e.g. ``{"spike:loss": ("skip", "rollback")}``.
         default_response: the ladder of a signal not in ``responses`` whose detector declares
@@ -525,17 +522,8 @@ class Guard:
         self.recorder = (
             recorder if recorder is not None else Recorder(flush_every=config.flush_every)
         )
-        # The defaults protect from step 0 (docs/guard.md, "What the defaults do from step 0"):
-        # ZClip under HF's max_grad_norm=1.0 cap, a loss-spike rule with a 10x bootstrap, and
-        # a divergence detector that backs the LR off.
-        self.policy: ClipPolicy = (
-            config.policy if config.policy is not None else ZScoreClip(max_norm=1.0)
-        )
-        detectors = (
-            list(config.detectors)
-            if config.detectors is not None
-            else [SpikeDetector("loss", bootstrap=10.0), DivergenceDetector()]
-        )
+        self.policy: ClipPolicy = config.policy if config.policy is not None else default_policy()
+        detectors = list(config.detectors) if config.detectors is not None else default_detectors()
         nonfinite = [d for d in detectors if isinstance(d, NonFiniteDetector)]
         self.nonfinite_rule: NonFiniteDetector | None = nonfinite[0] if nonfinite else None
         self.detectors = [d for d in detectors if not isinstance(d, NonFiniteDetector)]
