@@ -103,9 +103,18 @@ def test_version_is_written_once_and_the_wheel_carries_it(dist: Path) -> None:
     extras = set(meta.get_all("Provides-Extra") or [])
     assert {"wandb", "mlflow", "all", "docs", "report"} <= extras
     assert "Typing :: Typed" in (meta.get_all("Classifier") or [])
+    # the license travels with both artifacts (PEP 639: License-Expression and License-File)
+    assert meta["License-Expression"] == "Apache-2.0"
+    assert meta.get_all("License-File") == ["LICENSE"]
+    assert f"gradguard-{gradguard.__version__}.dist-info/licenses/LICENSE" in names
     with tarfile.open(sdist) as t:
         members = {m.name.split("/", 1)[1] for m in t.getmembers() if "/" in m.name}
-    assert {"pyproject.toml", "README.md", "src/gradguard/report/template.html"} <= members
+    assert {
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "src/gradguard/report/template.html",
+    } <= members
 
 
 def test_twine_accepts_both(dist: Path) -> None:
