@@ -343,16 +343,14 @@ SCENARIOS: dict[str, Scenario] = {
             "S1",
             "a char-RNN exploding from the start",
             "2-layer tanh char-RNN (embedding 32, hidden 64, recurrent weights orthogonal at gain "
-            "1.5) on stdlib docstrings, sequences of 32, batch 16, SGD lr 1.0 momentum 0.9 "
-            "(after shared/repro/early_explosion.py)",
+            "1.5) on stdlib docstrings, sequences of 32, batch 16, SGD lr 1.0 momentum 0.9",
             _s1,
         ),
         Scenario(
             "S2",
             "a 30-layer ReLU MLP with a bad init",
             "30 hidden ReLU layers of width 64, Kaiming init, no normalization or skips, "
-            "regressing sin(x.w), batch 64, SGD lr 0.2 momentum 0.9 (early_explosion.py mlp, the "
-            "issue's setting)",
+            "regressing sin(x.w), batch 64, SGD lr 0.2 momentum 0.9",
             _s2,
         ),
         Scenario(

@@ -710,7 +710,8 @@ def _lr_table(result: StabilityResult, scenario: str) -> list[str]:
 
 
 def _closing(result: StabilityResult) -> str:
-    """The verdict against the issue's goal, with what the defaults did where they lose."""
+    """The verdict against the benchmark's goal (gradguard's defaults best or within noise of the
+    best on every scenario), with what the defaults did where they lose."""
     losses = [s for s in result.scenarios if not result.verdict(s)[1]]
     clean = [s for s in result.scenarios if clean_check(result, s).startswith("FAILS")]
     spiky = [s for s in result.scenarios if not _spike_verdict(result, s).endswith("lowest")]

@@ -396,8 +396,8 @@ def run(
         ),
         criterion=(
             "qk-layernorm lowers the LR sensitivity; the attention-logit detector warns at "
-            f"least {MIN_LEAD} steps before every loss spike without remedy (the issue aims at "
-            "20; at LR 1 the run diverges 20-30 steps in, from logits that are normal at init), "
+            f"least {MIN_LEAD} steps before every loss spike without remedy (20 is the aim; at "
+            "LR 1 the run diverges 20-30 steps in, from logits that are normal at init), "
             "and never on clean runs"
         ),
         columns=["remedy", *(f"lr {fmt(lr)}" for lr in lrs), "best", "LR sensitivity", "max logit"],
