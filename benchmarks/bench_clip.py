@@ -1,6 +1,6 @@
 """Clipping speed: gradguard against torch, a naive loop, timm-style AGC and the bandwidth floor.
 
-Two gradient sets (issue 2):
+Two gradient sets:
 
 * **GPT-2 small**: the real parameter shapes of GPT-2 small (124M fp32 values in 148 tensors);
   memory-bound, so the floor is one read of every gradient byte.
@@ -217,7 +217,7 @@ def run(quick: bool) -> str:
             summary.append(
                 [where, "`agc_` >= 3x faster than timm", f"{s:.2f}x faster", _verdict(ok)]
             )
-    out += ["", "### Targets (issue 2)", ""]
+    out += ["", "### Targets", ""]
     out.append(markdown_table(["case", "target", "measured", "verdict"], summary))
     out += ["", NOTES]
     return "\n".join(out) + "\n"
@@ -237,9 +237,9 @@ NOTES = """How to read this:
   with the same unit length as rows of one cache-sized matrix (one norm, one multiply, one copy
   back per chunk); timm runs about ten kernels and allocates three gradient-sized temporaries
   per parameter. When the machine is loaded, both become memory-bound and the gap narrows.
-* The machine was shared with other jobs while these numbers were taken: methods are timed
-  round-robin so that a burst of load hits all of them alike, but absolute times are noisy
-  (repeat a run before trusting a 10% difference). With 2 intra-op threads on 2 busy cores,
+* On a machine shared with other work, methods timed round-robin see a burst of load alike,
+  but absolute times are noisy (repeat a run before trusting a 10% difference). With 2
+  intra-op threads on 2 busy cores,
   every kernel large enough to run in parallel (all of GPT-2's) waits for a descheduled thread
   and the times of torch and gradguard alike swing by 5-10x; `--threads 1` avoids that.
   CPU only; the thread count is printed above."""

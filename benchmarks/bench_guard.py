@@ -1,6 +1,6 @@
 """Guard overhead: a guarded step against torch clipping alone, and the peers, side by side.
 
-Two measurements (issue 3):
+Two measurements:
 
 * **GPT-2 small gradients** (124M fp32 values in 148 tensors): the guard's pre-step work
   (measure per-tensor and total norms, ZClip threshold and clip, loss and gradient-norm spike

@@ -1,10 +1,10 @@
-"""Small models: the guard's fixed cost per step, where most users train (issue 10, section 4).
+"""Small models: the guard's fixed cost per step, where most users train.
 
 A whole training step (forward, backward, clip or guard, optimizer step, zero_grad) of small
 models on the CPU with one thread, timed round-robin, medians:
 
-* a 20-layer MLP (width 256, batch 64: about 9 ms a plain step on one idle core, the size the
-  issue measured) with SGD + momentum and with fused AdamW, and a tiny one (width 64, batch 32),
+* a 20-layer MLP (width 256, batch 64: about 9 ms a plain step on one idle core) with SGD +
+  momentum and with fused AdamW, and a tiny one (width 64, batch 32),
   where the guard's fixed cost weighs most;
 * a small 2-layer LSTM language model with Adam (hidden 128, 8 x 32 tokens: about 5 ms a step;
   the "Guard overhead" section times a larger one, about 60 ms a step).
