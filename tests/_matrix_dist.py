@@ -1,4 +1,4 @@
-"""The gloo worker of test_repros' DDP case (r3): module level so ``spawn`` can pickle it.
+"""The gloo worker of test_repros' DDP checkpoint case: module level so ``spawn`` can pickle it.
 
 Launched with :func:`tests._dist_scale.launch`, whose timeout turns a hung or mismatched
 collective into a failure instead of a stuck suite.
@@ -61,7 +61,7 @@ def _run(rank: int, sync: str, bad: bool, drop: set[int]) -> dict[str, Any]:
 
 
 def rank0_checkpoints(rank: int, world: int) -> dict[str, Any]:
-    """The r3 loop in the sync-free mode as the CPU runs it and as CUDA runs it (flags read a
+    """The DDP loop in the sync-free mode as the CPU runs it and as CUDA runs it (flags read a
     step late), and a reference that never saw positions 10-13."""
     out = {sync: _run(rank, sync, bad=True, drop=set()) for sync in ("lazy", "late")}
     out["reference"] = _run(rank, "lazy", bad=False, drop=set(BAD))

@@ -1,5 +1,5 @@
-"""Every bad input of issue 2 gets a clear ValueError/TypeError naming the argument, and no
-gradient changes."""
+"""Every bad input to the clipping and norm functions gets a clear ValueError/TypeError naming
+the argument, and no gradient changes."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from gradguard.records.sinks import read_jsonl
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # 2 cores shared with other jobs: intra-op threads only contend
+    # on a machine with few cores, intra-op threads only contend
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -174,7 +174,7 @@ def test_lab_quick_chain_vectors_rnn(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("success criterion") == 3
     assert res.stdout.count("criterion held") == 3
-    # chain: the seed's numbers against the closed form
+    # chain: its numbers against the closed form
     chain = json.loads((out / "chain.json").read_text())
     assert chain["passed"] is True
     row = next(r for r in chain["rows"] if r[0] == "2.34" and r[1] == 20)

@@ -1,10 +1,11 @@
 """``Guard(model, optimizer)`` with every default protects from the first step.
 
-Each case is a run the defaults used to lose (issue 11): the guarded run must end finite and
-no worse than ``torch.nn.utils.clip_grad_norm_(params, 1.0)``, the fixed clip most users
-would reach for, within the stated tolerance. A healthy run must see no skip and no back-off.
-Setups follow ``shared/repro/early_explosion.py`` (rnn, mlp) and ``r14_default_spike.py``,
-shortened to stay within a few seconds of CPU each; every run is seeded and deterministic.
+Each case is a run that goes wrong from its first steps (a char-RNN and a deep ReLU MLP that
+explode at once, a corrupt batch among the first ones, a window of NaN batches): the guarded
+run must end finite and no worse than ``torch.nn.utils.clip_grad_norm_(params, 1.0)``, the
+fixed clip most users would reach for, within the stated tolerance. A healthy run must see no
+skip and no back-off. The runs are short, a few seconds of CPU each (the stability benchmark,
+``gradguard lab stability``, runs the long ones); every run is seeded and deterministic.
 """
 
 from __future__ import annotations
@@ -57,12 +58,12 @@ def _actions(guard: Guard) -> dict[str, int]:
     return out
 
 
-# ----------------------------------------------------------------------- early_explosion rnn
+# ------------------------------------------------------ a char-RNN exploding from the start
 
 
 def _rnn(mode: str, steps: int = 120) -> tuple[float, Guard | None]:
-    """early_explosion.py rnn: a 2-layer tanh char-RNN, recurrent weights at gain 1.5, SGD lr
-    1.0 momentum 0.9 on textwrap's source (sequences of 100 cut to 50 here, for time)."""
+    """A 2-layer tanh char-RNN, recurrent weights at gain 1.5, SGD lr 1.0 momentum 0.9 on
+    textwrap's source, sequences of 50."""
     torch.manual_seed(0)
     text = inspect.getsource(textwrap)
     chars = sorted(set(text))
@@ -110,11 +111,11 @@ def test_defaults_tame_the_exploding_char_rnn() -> None:
     assert guard is not None and guard.counters.skips <= 3
 
 
-# ----------------------------------------------------------------------- early_explosion mlp
+# --------------------------------------------------------- a 30-layer ReLU MLP with no norm
 
 
 def _mlp(mode: str, lr: float, steps: int = 150) -> tuple[float, Guard | None]:
-    """early_explosion.py mlp: 30 ReLU layers of width 64, Kaiming init, no normalization,
+    """30 ReLU layers of width 64, Kaiming init, no normalization,
     SGD momentum 0.9; gradient norms of 7.5, 153, 1e12 in the first steps unclipped."""
     torch.manual_seed(0)
     layers: list[nn.Module] = []
@@ -151,12 +152,12 @@ def test_defaults_keep_the_deep_relu_mlp_finite(lr: float) -> None:
     assert guard is not None and guard.counters.skips == 0
 
 
-# ------------------------------------------------------------------------ r14_default_spike
+# ------------------------------------------------------- a corrupt batch in the first steps
 
 
 def _spike_run(spike_at: int | None, mode: str, n: int = 140) -> tuple[float, str]:
-    """r14_default_spike.py: a finite corrupt batch (targets x1e3) in a small tanh regression,
-    SGD lr 0.05; returns the held-out loss and the guard's action at the corrupt step."""
+    """A finite corrupt batch (targets x1e3) in a small tanh regression, SGD lr 0.05; returns
+    the held-out loss and the guard's action at the corrupt step."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -492,7 +492,7 @@ def test_loss_tolerance_is_validated(bad: dict) -> None:
 
 
 def test_diagnose_on_a_transformer_encoder_layer_with_remedies() -> None:
-    # Regression (mha_repro.py): insert_norm wrapped MultiheadAttention's out_proj in a
+    # Once broke: insert_norm wrapped MultiheadAttention's out_proj in a
     # Sequential, MHA reads out_proj.weight directly, and the whole diagnosis raised.
     torch.manual_seed(0)
     model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), nn.Linear(32, 1))

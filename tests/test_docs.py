@@ -245,8 +245,8 @@ def test_api_reference_reads_our_docstring_dialect() -> None:
 
 
 # Modules whose public docstrings do not yet say everything the API reference should (args,
-# returns, raises, an example). Their owners are rewriting them; remove a module from here
-# when it is complete; the test below fails until then, and again if a listed one is done.
+# returns, raises, an example). Remove a module from here when it is complete; the test below
+# fails until then, and again if a listed one is done.
 NOT_YET_COMPLETE = {
     "src/gradguard/core/agc.py",
     "src/gradguard/core/buffer.py",

@@ -1,4 +1,4 @@
-"""The Guard writes incident bundles that gradguard.replay classifies (issue 12, end to end)."""
+"""The Guard writes incident bundles that gradguard.replay classifies, end to end."""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def ref_zclip(
     learn: str = "threshold",
 ) -> tuple[list[float], float, float]:
     """ZClip's rule, never fed a NaN. ``learn="threshold"`` (ZClip, the paper, ours) learns
-    ``min(g, t)``; ``"post_clip"`` the post-clip norm ``g * coef(t, g)`` (ours until issue 10)."""
+    ``min(g, t)``; ``"post_clip"`` the post-clip norm ``g * coef(t, g)`` (our old rule)."""
     warm: list[float] = []
     mean = var = 0.0
     out = []
@@ -326,7 +326,7 @@ def test_zscore_equals_real_zclip_on_a_clean_spiky_sequence(
     ours: str, theirs: dict, scale: float
 ) -> None:
     # Norms of order 1e-3 and 1e-4 are where learning the post-clip norm drifted from ZClip
-    # (1.5e-4 and 1.5e-3 relative, issue 10): torch's coefficient shrinks it by 1e-6 / g.
+    # (1.5e-4 and 1.5e-3 relative): torch's coefficient shrinks it by 1e-6 / g.
     seq = [v * scale for v in _spiky_sequence()]
     want_t, want_c, zc = _real_zclip_run(seq, **theirs)
     policy = ZScoreClip(mode=ours)  # the paper's defaults: 0.97, 2.5, 25

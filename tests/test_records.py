@@ -231,7 +231,7 @@ def test_console_prints_one_status_line_per_flush() -> None:
     assert len(status) == 3  # steps 0-5 flushed two steps at a time
     assert status[0] == "step 1  loss 2.25  norm inf  clip 50% (1/2)  skips 0 (total 0)"
     assert status[1] == "step 3  loss 2  norm 0.5  clip 50% (1/2)  skips 1 (total 1)"
-    # one line for the skip, from the action row that gives the reason (issue 10, 3.13)
+    # one line for the skip, from the action row that gives the reason (not one per row)
     assert [ln for ln in lines if ln.startswith("step 2: ")] == ["step 2: skip (nonfinite)"]
     assert any("blocks.2" in ln for ln in lines)
     with pytest.raises(TypeError, match="console"):

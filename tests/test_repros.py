@@ -1,6 +1,9 @@
-"""Regression tests for the reproductions of issue 10 (../shared/repro/*.py), section 3.
+"""Corner cases of real training loops the guard must keep its promises in: BatchNorm buffers, a
+parameter only the optimizer holds, a checkpoint saved on rank 0 alone under DDP, schedulers
+that set momentum or a tensor LR, setups it refuses, the LR back-off, the skip sampler,
+attention models, the step hook, aborts, sparse gradients and resuming mid-streak.
 
-Each test asserts what the reproduction must do now; where the promise is bit for bit, the
+Each test asserts what the guard must do; where the promise is bit for bit, the
 guarded run is compared with a run that never saw the bad batch. The sync-free (fused) mode is
 tested as the CPU runs it (``lazy``: flags read at the end of the step) and as CUDA runs it
 (``late``: flags read at the next step; see ``tests/_matrix_util.make_deferred``).
@@ -69,11 +72,11 @@ SYNC_OPT: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
 }
 
 
-# --- r1: module buffers -----------------------------------------------------------------------
+# --- module buffers ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("sync", ["step", "lazy", "late"])
-def test_r1_skipped_batch_leaves_batchnorm_buffers(sync: str) -> None:
+def test_skipped_batch_leaves_batchnorm_buffers(sync: str) -> None:
     data = _data(12)
 
     def run(nan_at: int | None, drop: int | None) -> tuple[nn.Module, Any, list[str]]:
@@ -104,11 +107,11 @@ def test_r1_skipped_batch_leaves_batchnorm_buffers(sync: str) -> None:
         assert_same(a(x), b(x), "eval output")
 
 
-# --- r2: a parameter only the optimizer holds -------------------------------------------------
+# --- a parameter only the optimizer holds -----------------------------------------------------
 
 
 @pytest.mark.parametrize("sync", ["step", "lazy", "late"])
-def test_r2_nan_grad_on_a_parameter_outside_the_model_is_skipped(sync: str) -> None:
+def test_nan_grad_on_a_parameter_outside_the_model_is_skipped(sync: str) -> None:
     data = _data(5)
 
     def run(poison: bool, drop: int | None) -> tuple[nn.Module, nn.Parameter, list[str]]:
@@ -139,10 +142,10 @@ def test_r2_nan_grad_on_a_parameter_outside_the_model_is_skipped(sync: str) -> N
     assert_same(m1.state_dict(), m2.state_dict(), "model")
 
 
-# --- r3: DDP, a rank-0-only model.state_dict() ------------------------------------------------
+# --- DDP, a rank-0-only model.state_dict() ----------------------------------------------------
 
 
-def test_r3_rank0_only_state_dict_starts_no_collective_under_ddp() -> None:
+def test_rank0_only_state_dict_starts_no_collective_under_ddp() -> None:
     from tests import _dist_scale as ds
     from tests import _matrix_dist as md
 
@@ -159,12 +162,12 @@ def test_r3_rank0_only_state_dict_starts_no_collective_under_ddp() -> None:
         assert_same(r0["opt"], ranks[0]["reference"]["opt"], f"{sync} optimizer vs reference")
 
 
-# --- r4, r5, r6: the sync-free mode undoes a scheduler's guess --------------------------------
+# --- the sync-free mode undoes a scheduler's guess --------------------------------------------
 
 
 @pytest.mark.parametrize("sync", ["lazy", "late"])
 @pytest.mark.parametrize("sched_name", ["onecycle", "cyclic"])
-def test_r4_cycled_momentum_and_betas_are_restored_after_a_lazy_skip(
+def test_cycled_momentum_and_betas_are_restored_after_a_lazy_skip(
     sync: str, sched_name: str
 ) -> None:
     data = _data(6)
@@ -199,7 +202,7 @@ def test_r4_cycled_momentum_and_betas_are_restored_after_a_lazy_skip(
 
 
 @pytest.mark.parametrize("sync", ["lazy", "late"])
-def test_r5_tensor_lr_is_restored_by_value_after_a_lazy_skip(sync: str) -> None:
+def test_tensor_lr_is_restored_by_value_after_a_lazy_skip(sync: str) -> None:
     data = _data(6)
 
     def run(nan_at: int | None, drop: int | None) -> tuple[nn.Module, Any, list[float]]:
@@ -230,7 +233,7 @@ def test_r5_tensor_lr_is_restored_by_value_after_a_lazy_skip(sync: str) -> None:
 
 
 @pytest.mark.parametrize("sync", ["lazy", "late"])
-def test_r6_scheduler_saved_first_between_steps_is_the_settled_state(sync: str) -> None:
+def test_scheduler_saved_first_between_steps_is_the_settled_state(sync: str) -> None:
     data = _data(4)
 
     def run(nan_at: int | None, drop: int | None, save_first: bool) -> dict[str, Any]:
@@ -265,7 +268,7 @@ def test_r6_scheduler_saved_first_between_steps_is_the_settled_state(sync: str) 
     assert_same(saved, never, "saved first vs never saw the batch")
 
 
-# --- r7, r_small: refused at construction, or before anything changes -------------------------
+# --- refused at construction, or before anything changes --------------------------------------
 
 
 def _frozen(m: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -277,7 +280,7 @@ def _frozen(m: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     }
 
 
-def test_r7_reduce_lr_on_plateau_is_refused_at_construction() -> None:
+def test_reduce_lr_on_plateau_is_refused_at_construction() -> None:
     torch.manual_seed(0)
     m = nn.Linear(4, 2)
     opt = torch.optim.AdamW(m.parameters(), lr=0.01)
@@ -290,7 +293,7 @@ def test_r7_reduce_lr_on_plateau_is_refused_at_construction() -> None:
     assert sched.state_dict()["last_epoch"] == 0
 
 
-def test_r_small_a_non_scalar_loss_raises_before_anything_changes() -> None:
+def test_a_non_scalar_loss_raises_before_anything_changes() -> None:
     m = _bn_model()
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     guard = Guard(m, opt)
@@ -309,7 +312,7 @@ def test_r_small_a_non_scalar_loss_raises_before_anything_changes() -> None:
     assert guard.step(loss).action in ("step", "clip")  # the guard still works
 
 
-def test_r_small_b_lbfgs_is_refused_at_construction() -> None:
+def test_lbfgs_is_refused_at_construction() -> None:
     m = nn.Linear(4, 2)
     opt = torch.optim.LBFGS(m.parameters())
     before = _frozen(m, opt)
@@ -341,7 +344,7 @@ def _scaler_run(sync: str, spike: int | None, drop: int | None, nan: bool = Fals
 
 
 @pytest.mark.parametrize("sync", ["step", "lazy", "late"])
-def test_r_small_c_guard_skipped_finite_spike_does_not_grow_the_scaler(sync: str) -> None:
+def test_a_guard_skipped_finite_spike_does_not_grow_the_scaler(sync: str) -> None:
     sa, ma, actions = _scaler_run(sync, spike=8, drop=None)
     sb, mb, _ = _scaler_run(sync, spike=None, drop=8)
     assert actions[8] == "skip"
@@ -360,7 +363,7 @@ def test_nan_batch_under_fp16_leaves_the_scaler_as_the_run_that_never_saw_it(syn
     assert_same(ma, mb, "model")
 
 
-# --- r10, backoff_repro: the LR back-off --------------------------------------------------------
+# --- the LR back-off ----------------------------------------------------------------------------
 
 
 BACKOFF_SCHEDULERS: dict[str, Callable[[Any], Any]] = {
@@ -375,7 +378,7 @@ BACKOFF_SCHEDULERS: dict[str, Callable[[Any], Any]] = {
 
 @pytest.mark.parametrize("sync", ["step", "lazy", "late"])
 @pytest.mark.parametrize("sched_name", list(BACKOFF_SCHEDULERS))
-def test_r10_backoff_halves_the_lr_the_optimizer_uses(sync: str, sched_name: str) -> None:
+def test_backoff_halves_the_lr_the_optimizer_uses(sync: str, sched_name: str) -> None:
     data = _data(10)
 
     def run(nan_at: int | None, drop: int | None) -> tuple[list[float], list[float], Guard]:
@@ -409,7 +412,7 @@ def test_r10_backoff_halves_the_lr_the_optimizer_uses(sync: str, sched_name: str
 
 @pytest.mark.parametrize("sync", ["step", "lazy", "late"])
 def test_backoff_survives_a_rollback(sync: str) -> None:
-    """backoff_repro: back-off, back-off, then a rollback; the replay uses the backed-off LR."""
+    """Back-off, back-off, then a rollback; the replay uses the backed-off LR."""
     torch.manual_seed(0)
     m = nn.Linear(4, 1)
     opt = torch.optim.SGD(m.parameters(), lr=0.1, fused=sync != "step")
@@ -443,11 +446,11 @@ def test_backoff_survives_a_rollback(sync: str) -> None:
     assert opt.param_groups[0]["lr"] == 0.1  # no scheduler: the group keeps its own value
 
 
-# --- r12, sampler_snip: the documented DataLoader pattern ---------------------------------------
+# --- the documented DataLoader pattern ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("sync", ["step", "lazy", "late"])
-def test_r12_skip_sampler_replays_like_the_position_driven_loop(sync: str) -> None:
+def test_skip_sampler_replays_like_the_position_driven_loop(sync: str) -> None:
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(160, 4, generator=g), torch.randn(160, 2, generator=g)
     for b in (9, 10, 11, 12):
@@ -499,11 +502,12 @@ def test_r12_skip_sampler_replays_like_the_position_driven_loop(sync: str) -> No
 
 
 @pytest.mark.parametrize("snapshot_every", [8, 10])
-def test_sampler_snip_second_epoch_leaves_the_bad_window_out_by_identity(
+def test_skip_sampler_second_epoch_leaves_the_bad_window_out_by_identity(
     snapshot_every: int,
 ) -> None:
-    """sampler_snip, 40 batches. With ``snapshot_every=10`` the snapshot sits at the first bad
-    position (20), so the rollback lands where the sampler was going anyway (24)."""
+    """The documented DataLoader pattern, 40 batches. With ``snapshot_every=10`` the snapshot
+    sits at the first bad position (20), so the rollback lands where the sampler was going anyway
+    (24)."""
     n_batches = 40
     g = torch.Generator().manual_seed(0)
     X = torch.randn(32 * n_batches, 8, generator=g)
@@ -547,10 +551,10 @@ def test_sampler_snip_second_epoch_leaves_the_bad_window_out_by_identity(
     assert guard.position == 2 * n_batches
 
 
-# --- diagnose on attention (mha_repro) ----------------------------------------------------------
+# --- diagnose on attention ----------------------------------------------------------------------
 
 
-def test_mha_repro_diagnose_works_on_a_transformer_encoder_layer() -> None:
+def test_diagnose_works_on_a_transformer_encoder_layer() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), nn.Linear(32, 1))
     x = torch.randn(4, 10, 32)
@@ -702,7 +706,7 @@ def test_abort_with_snapshots_leaves_the_last_snapshot(sync: str) -> None:
     assert_same(opt.state_dict(), opt2.state_dict(), "optimizer")
 
 
-# --- sparse gradients (issue 10, 3.8) ---------------------------------------------------------
+# --- sparse gradients -------------------------------------------------------------------------
 
 
 def test_sparse_adam_with_a_sparse_embedding_can_be_guarded() -> None:
@@ -738,7 +742,7 @@ def test_sparse_adam_with_a_sparse_embedding_can_be_guarded() -> None:
     assert_same(oa.state_dict(), ob.state_dict(), "optimizer")
 
 
-# --- found while writing these tests: resuming from a checkpoint taken anywhere -----------------
+# --- resuming from a checkpoint taken anywhere --------------------------------------------------
 
 
 @pytest.mark.parametrize("sync", ["step", "lazy", "late"])

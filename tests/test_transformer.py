@@ -1,4 +1,4 @@
-"""Transformer telemetry, detectors and remedies against slow references (issue 13).
+"""Transformer telemetry, detectors and remedies against slow references.
 
 The references compute every head's logits in plain loops from the model's own projections and
 are themselves checked against the attention weights the frameworks return
