@@ -485,7 +485,7 @@ def truncate(model: nn.Module, n_layers: int) -> nn.Module:
     """A copy of ``model`` with fewer layers: same-shape hidden blocks of its main
     ``nn.Sequential`` are removed, from the deep end, until ``n_layers`` weighted blocks remain.
 
-    Fewer layers means fewer factors in the chain rule's product (the seeds' first remedy:
+    Fewer layers means fewer factors in the chain rule's product (the textbook's first remedy:
     "reduce the number of hidden layers"). The input and output layers are always kept, so the
     model still maps the same input shape to the same output shape.
 
@@ -539,7 +539,7 @@ def l2_penalty(
     model: nn.Module | Iterable[Tensor], weight: float, *, biases: bool = False
 ) -> Tensor:
     """The L2 weight penalty ``weight * sum(w**2)`` to add to the loss (Krogh & Hertz 1992,
-    "A Simple Weight Decay Can Improve Generalization"; the seeds' "L1/L2 weight regularization").
+    "A Simple Weight Decay Can Improve Generalization"; the textbook "L1/L2 weight regularization").
 
     Large weights are what make a layer's gain large; the penalty pulls them toward 0 during
     training, by ``2 * lr * weight * w`` per SGD step.

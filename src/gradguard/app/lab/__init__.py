@@ -2,8 +2,8 @@
 
 Each experiment is a module with ``run(*, seeds, quick, out, ticker) -> LabResult``:
 
-* ``chain``: the seeds' 20-layer one-neuron ReLU chain against its closed form;
-* ``vectors``: the seeds' element-wise products and rescaling by the norm;
+* ``chain``: a 20-layer one-neuron ReLU chain against its closed form;
+* ``vectors``: element-wise products above and below 1, and rescaling by the norm;
 * ``remedies``: a deep plain MLP that diverges, trained once per remedy;
 * ``rnn``: a vanilla tanh RNN on the adding problem with and without clipping
   (Pascanu, Mikolov & Bengio 2013);

@@ -1,4 +1,4 @@
-"""Lab 1, chain: the seeds' 20-layer one-neuron ReLU network, measured against its closed form.
+"""Lab 1, chain: a 20-layer one-neuron ReLU network, measured against its closed form.
 
 Every layer is ``a_i = relu(w_i * a_{i-1})`` with ``a_0 = x = 1`` and every ``w_i = w``. For
 ``w > 0`` the output after ``d`` layers is ``w**d`` and, with the output as the loss, the

@@ -4,7 +4,7 @@ Setup: a 20-block ReLU MLP (width 64) whose hidden weights start at ``N(0, 4 / f
 the variance Kaiming init would use, so each layer multiplies the signal and the backpropagated
 gradient by about ``sqrt(2)`` (about 1000 over 20 layers). It is trained with plain
 SGD (learning rate 0.003, batch 64) on a smooth regression task. Unremedied, the first update is
-so large that the loss is non-finite within a couple of steps. Each remedy from the seed texts
+so large that the loss is non-finite within a couple of steps. Each textbook remedy
 changes one thing: clipping by value, by norm per tensor, by the global norm, adaptive clipping
 (AGC, Brock et al. 2021), batch normalization, Kaiming initialization, residual connections,
 fewer layers or an L2 penalty. A remedy "fixes" the run when training stays finite and the final

@@ -1,9 +1,9 @@
-"""Lab 2, vectors: the seeds' element-wise products, above 1 and below 1, and norm rescaling.
+"""Lab 2, vectors: element-wise products, above 1 and below 1, and norm rescaling.
 
-The seed multiplies ``v1 = [1.3, 2.1, 1.73, 0.42, 1.25]`` five times, element by element, by
+The loop multiplies ``v1 = [1.3, 2.1, 1.73, 0.42, 1.25]`` five times, element by element, by
 ``v2 = [1.26, 1.35, 2.58, 2.81, 1.32]`` (explodes) and the below-1 pair
 ``[0.3, 0.1, 0.73, 0.42, 0.25]``, ``[0.26, 0.35, 0.58, 0.81, 0.32]`` (vanishes). The closed form is
-``v1 * v2**5``. The seed's remedy: after each multiplication, when the norm of the result passes a
+``v1 * v2**5``. The classic remedy: after each multiplication, when the norm of the result passes a
 threshold, divide by the norm. We also show gradguard's ``clip_by_norm`` (rescale *to* the
 threshold, TF's rule), which keeps the direction and bounds the norm at the threshold.
 """
@@ -27,7 +27,7 @@ LONG = 20  # multiplications in the rescaling demonstration
 
 
 def seed_loop(v1: list[float], v2: list[float], power: int = POWER) -> list[float]:
-    """The seed's plain-Python loop: ``resultant[i] *= v2[i]``, ``power`` times.
+    """The plain-Python loop: ``resultant[i] *= v2[i]``, ``power`` times.
 
     Example:
         >>> [round(x, 3) for x in seed_loop([1.0, 2.0], [2.0, 0.5], 3)]
@@ -49,7 +49,7 @@ def rescaled_products(
         v1, v2: the starting vector and the per-step factor.
         steps: multiplications.
         threshold: the norm above which the rule acts.
-        rule: ``"none"``; ``"divide"`` (the seed's: ``r / ||r||`` when ``||r|| > threshold``) or
+        rule: ``"none"``; ``"divide"`` (classic: ``r / ||r||`` when ``||r|| > threshold``) or
             ``"clip"`` (:func:`gradguard.clip_by_norm`: ``r * threshold / ||r||``).
 
     Returns:
@@ -74,7 +74,7 @@ def rescaled_products(
 def run(
     *, seeds: int = 1, quick: bool = False, out: Path | None = None, ticker: Ticker | None = None
 ) -> LabResult:
-    """Compare the seed's loop with ``v1 * v2**5`` and show that rescaling bounds the norm.
+    """Compare the plain-Python loop with ``v1 * v2**5`` and show that rescaling bounds the norm.
 
     Args:
         seeds, quick: unused (deterministic, milliseconds); accepted for a uniform CLI.
@@ -110,7 +110,7 @@ def run(
     bounded = all(max(traces[r]) <= bound + 1e-9 for r in ("divide", "clip"))
     for rule, text in (
         ("none", "no rescaling"),
-        ("divide", f"r / ||r|| when ||r|| > {THRESHOLD:g} (seed)"),
+        ("divide", f"r / ||r|| when ||r|| > {THRESHOLD:g}"),
         ("clip", f"clip_by_norm(r, {THRESHOLD:g})"),
     ):
         rows.append(
@@ -128,7 +128,7 @@ def run(
             xs = list(range(1, LONG + 1))
             for rule, label in (
                 ("none", "no rescaling"),
-                ("divide", "divide by norm (seed)"),
+                ("divide", "divide by norm"),
                 ("clip", "clip_by_norm"),
             ):
                 ax.semilogy(xs, traces[rule], "o-", label=label, markersize=3)
@@ -143,11 +143,11 @@ def run(
         name="vectors",
         title="Products of factors: above 1 explode, below 1 vanish; rescaling bounds them",
         setup=(
-            f"seed vectors v1, v2 (above 1: {EXPLODING}; below 1: {VANISHING}); v1 * v2^{POWER} "
+            f"vectors v1, v2 (above 1: {EXPLODING}; below 1: {VANISHING}); v1 * v2^{POWER} "
             f"element-wise; then {LONG} multiplications with a rescale when ||r||_2 > {THRESHOLD:g}"
         ),
         criterion=(
-            "the seed's loop equals v1 * v2^5 within 1e-12 relative error; with either rescaling "
+            "the plain loop equals v1 * v2^5 within 1e-12 relative error; with either rescaling "
             f"rule ||r|| never exceeds threshold * max(v2) = {bound:g}"
         ),
         columns=["case", "rule", "result", "check"],
