@@ -29,7 +29,7 @@ def _one_thread():
 def gradguard(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 1800):
     """Run ``python -m gradguard ARGS`` (the console script runs the same ``main``).
 
-    ``timeout`` is a hang guard only: a busy 2-core CI machine can be 10x slower than an idle one.
+    ``timeout`` is a hang guard only: a busy CI machine can be 10x slower than an idle one.
     """
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160", **(env or {})}
     return subprocess.run(

@@ -1,4 +1,4 @@
-"""Preflight diagnosis against closed forms (the seeds' one-neuron chain) and torch's autograd."""
+"""Preflight diagnosis against closed forms (a one-neuron ReLU chain) and torch's autograd."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _one_thread():
 
 
 def chain(weight: float, depth: int = 20) -> nn.Sequential:
-    """The seeds' network: `depth` one-neuron layers, every weight `weight`, ReLU between."""
+    """A one-neuron chain: `depth` layers, every weight `weight`, ReLU between."""
     mods: list[nn.Module] = []
     for i in range(depth):
         layer = nn.Linear(1, 1, bias=False)
