@@ -57,9 +57,11 @@ test: browser lint typecheck docs pytest
 
 bench: $(VENV)/.dev
 	$(PIP) install -q -e ".[peers]"
-	# One intra-op thread: on a shared 2-core machine a descheduled worker thread makes
+	# One intra-op thread: on a few cores shared with other work a descheduled worker thread makes
 	# every large kernel, ours and torch's alike, swing 5-10x (see docs/benchmarks.md).
-	$(PY) benchmarks/run.py --threads 1 --out docs/benchmarks.md
+	# ONLY="small ops" reruns those sections and keeps the page's others; BENCH_FLAGS=--quick.
+	$(PY) benchmarks/run.py --threads 1 --out docs/benchmarks.md $(BENCH_FLAGS) \
+		$(if $(ONLY),--only $(ONLY))
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
