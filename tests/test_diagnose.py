@@ -90,7 +90,7 @@ def assert_follows_the_ranking_rule(d: Diagnosis) -> None:
             assert rest(a) <= rest(b), (a.name, b.name)
 
 
-def test_seed_chain_234_gain_per_layer_and_over_the_depth() -> None:
+def test_chain_of_weights_2_34_gains_2_34_per_layer_and_over_the_depth() -> None:
     d = gradguard.diagnose(chain(2.34), torch.ones(1, 1), remedies=False)
     assert d.verdict == "exploding"
     assert d.per_layer_gain == pytest.approx(2.34, rel=0.01)
@@ -125,7 +125,7 @@ def test_a_dead_relu_chain_is_reported_as_vanished() -> None:
     assert "no gradient reaches the input" in d.message
 
 
-def test_seed_chain_05_vanishes() -> None:
+def test_chain_of_weights_0_5_vanishes() -> None:
     d = gradguard.diagnose(chain(0.5), torch.ones(1, 1), remedies=False)
     assert d.verdict == "vanishing"
     assert d.per_layer_gain == pytest.approx(0.5, rel=0.01)
