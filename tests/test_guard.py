@@ -26,7 +26,7 @@ from gradguard.decide.policies import (
     FixedThreshold,
     ZScoreClip,
 )
-from gradguard.guard.guard import Guard, GuardConfig, StepReport
+from gradguard.guard.guard import Guard, GuardConfig, Stage, StepReport
 from gradguard.guard.response import Budgets, GuardAbort
 from gradguard.records.recorder import Recorder
 from tests import conformance as C
@@ -609,12 +609,16 @@ def test_every_policy_scope_clips_and_skips(policy: ClipPolicy) -> None:
     assert "clip" in {r["action"] for r in guard.records if r["kind"] == "step"}
 
 
-def test_a_model_without_gradients_is_a_clean_step() -> None:
+def test_a_step_after_a_forgotten_backward_raises_and_changes_nothing() -> None:
     model = _net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched_opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(sched_opt, step_size=1, gamma=0.5)
+    guard = Guard(model, sched_opt, scheduler=sched)
     before = copy.deepcopy(model.state_dict())
-    report = Guard(model, opt).step()
-    assert report.action == "step" and float(report.total_norm) == 0.0
+    with pytest.raises(ValueError, match="no parameter the optimizer updates has a gradient"):
+        guard.step(torch.tensor(1.0))
+    assert guard.stage is Stage.READY and guard.step_count == 0 and sched.last_epoch == 0
+    assert guard.policy.state_dict() == Guard(_net(), sched_opt).policy.state_dict()
     _assert_bitwise(model.state_dict(), before)
 
 

@@ -657,8 +657,10 @@ def test_guard_with_frozen_layers_and_no_gradient_at_all() -> None:
     report = guard.step(torch.tensor(1.0))
     assert report.action in ("step", "clip")
     m.zero_grad(set_to_none=True)
-    report = guard.step(torch.tensor(1.0))  # nothing has a gradient: a zero norm, no crash
-    assert report.to_dict()["total_norm"] == 0.0
+    steps = guard.step_count
+    with pytest.raises(ValueError, match="call loss.backward"):  # a forgotten backward
+        guard.step(torch.tensor(1.0))
+    assert guard.step_count == steps and guard.stage.value == "ready"
 
 
 # --- names in reports are escaped ------------------------------------------------------------

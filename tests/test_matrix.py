@@ -311,7 +311,7 @@ def _run(case: Case, bad: set[int], drop: set[int]) -> Run:
         (scaler.scale(loss) if scaler is not None else loss).backward()
         report = guard.step(loss)
         opt.zero_grad(set_to_none=True)
-        pending += guard._unread is not None  # flags not read yet: the one-step-late path
+        pending += guard._pending is not None  # flags not read yet: the one-step-late path
         actions.append((pos, report.action))
     else:
         pytest.fail(f"the run did not reach position {N_POSITIONS}: {actions}")

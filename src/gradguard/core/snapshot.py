@@ -32,6 +32,7 @@ import os
 import random
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,8 @@ def _is_dtensor(obj: Any) -> bool:
 def to_cpu(obj: Any) -> Any:
     """A deep copy of a state tree with every tensor detached, cloned and moved to the CPU.
 
-    Tuples become lists (``weights_only`` loading and JSON both prefer them); dict keys are kept.
+    Tuples stay tuples (``weights_only`` loading reads them) and dict keys are kept, so a
+    restored object holds the same types it had.
     A DTensor (an FSDP2 shard) becomes ``{"__gradguard_dtensor__": 1, "local": <this rank's
     shard>, "shape": [...], "stride": [...], "placements": ["S(0)", ...]}``; :func:`restore`
     turns it back into a DTensor on the live model's device mesh.
@@ -102,7 +104,9 @@ def to_cpu(obj: Any) -> Any:
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, tuple):  # kept: a restored optimizer's betas are a tuple again
+        return tuple(to_cpu(v) for v in obj)
+    if isinstance(obj, list):
         return [to_cpu(v) for v in obj]
     return obj
 
@@ -241,6 +245,8 @@ def capture(
     step: int,
     position: int,
     guard: dict[str, Any] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
+    rng: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A CPU deep copy of everything a run needs to continue from here.
 
@@ -252,20 +258,30 @@ def capture(
         step: the optimizer step this snapshot resumes at.
         position: the data position (index of the next batch to draw).
         guard: the guard's own state (policy, detectors, counters).
+        buffers: module buffers by ``model.state_dict()`` key to store instead of the live
+            ones (the state before a forward that already moved them).
+        rng: RNG states to store instead of the current ones, for the generators they name
+            (``{"torch": ..., "cuda": [...]}``: the state before a forward that drew from them).
 
     Returns:
         A dict of tensors, dicts, lists, numbers and strings.
     """
+    model_state = dict(model.state_dict())
+    if buffers is not None:
+        model_state.update({k: v for k, v in buffers.items() if k in model_state})
+    rngs = rng_state()
+    if rng is not None:
+        rngs.update({k: v for k, v in rng.items() if k in rngs})
     return {
         "format": FORMAT,
         "version": VERSION,
         "step": int(step),
         "position": int(position),
-        "model": to_cpu(model.state_dict()),
+        "model": to_cpu(model_state),
         "optimizer": to_cpu(optimizer.state_dict()),
         "scheduler": to_cpu(scheduler.state_dict()) if scheduler is not None else None,
         "scaler": to_cpu(scaler.state_dict()) if scaler is not None else None,
-        "rng": to_cpu(rng_state()),
+        "rng": to_cpu(rngs),
         "guard": to_cpu(guard) if guard is not None else None,
     }
 

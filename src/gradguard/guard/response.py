@@ -9,7 +9,8 @@ is spent hands over to the next one:
 * ``"skip"``: do not apply the step (parameters, optimizer moments, weight decay, step counters,
   LR scheduler and module buffers unchanged); budget: ``skip`` steps *in a row*;
 * ``"backoff"``: skip, and multiply the learning rate by ``backoff_factor``; budget: ``backoff``
-  back-offs in the run;
+  back-offs in the run (on a ladder's last rung, a spent back-off budget logs instead: the
+  learning rate is never cut more than ``backoff`` times);
 * ``"rollback"``: restore the last good snapshot and skip the bad window on replay (PaLM);
   budget: ``rollback`` rollbacks in the run; unavailable without a snapshot;
 * ``"abort"``: stop with an incident report (:class:`GuardAbort`).
@@ -18,11 +19,14 @@ The default, ``("skip", "rollback", "abort")``, reads: skip a bad step; after ``
 row roll back; after ``rollback`` rollbacks give up. A ladder never goes down in severity, and
 ``"log"``/``"clip"`` stand alone (they do not escalate).
 
-:class:`Responder` owns all of it, like optax's ``apply_if_finite`` owns skip-and-count: the
-layout of the flag vector the guard agrees on across ranks, which slots skip on the device,
-the ladders, the budgets and what has been spent, and the words of each verdict. The guard
-builds the flags with :meth:`Responder.flags`, hands :meth:`Responder.skip` to the device, and
-once the host holds the bits asks :meth:`Responder.decide` what to do, which also counts it.
+Each action is one :class:`Response` (its name, whether it applies the step, the budget that
+bounds it and how it is carried out); :data:`RESPONSES` lists them mildest first, so adding a
+response is one class here. :class:`Responder` owns the rest, like optax's ``apply_if_finite``
+owns skip-and-count: the layout of the flag vector the guard agrees on across ranks, which
+slots skip on the device, the ladders, the budgets and what has been spent, the words of each
+verdict and carrying it out. The guard builds the flags with :meth:`Responder.flags`, hands
+:meth:`Responder.skip` to the device, asks :meth:`Responder.decide` once the host holds the bits
+(which also counts what the verdict spends) and :meth:`Responder.carry_out` to act on it.
 
 Example:
     >>> decide(["nonfinite"], {"nonfinite": ("skip", "abort")}, Budgets(skip=2),
@@ -32,36 +36,201 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, NoReturn, Protocol
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "ACTIONS",
+    "RESPONSES",
     "Budgets",
     "Counters",
     "GuardAbort",
     "Responder",
+    "Response",
+    "Shell",
     "Verdict",
     "check_ladder",
     "decide",
 ]
 
-# Mildest first; "step" is what a clean step reports, not a response a ladder may name.
-ACTIONS = ("log", "clip", "skip", "backoff", "rollback", "abort")
-SEVERITY = {a: i for i, a in enumerate(("step", *ACTIONS))}
-SKIPPING = frozenset({"skip", "backoff", "rollback", "abort"})
+
+# --------------------------------------------------------------------------- the responses
+
+
+class Shell(Protocol):
+    """What a response acts on: the guard, narrowed to the three things responses change."""
+
+    def backoff(self, factor: float) -> None:
+        """Multiply the learning rate used from the next optimizer step on by ``factor``."""
+        ...
+
+    def roll_back(self, step: Any) -> dict[str, Any]:
+        """Restore the last good snapshot before the bad streak; returns the record's entries."""
+        ...
+
+    def abort(self, step: Any) -> NoReturn:
+        """Stop training with :class:`GuardAbort`, leaving every object usable."""
+        ...
+
+
+class Response:
+    """One action a ladder can name: whether the step is applied, what bounds it, what it does.
+
+    Attributes:
+        name: the action's name in ladders and records.
+        applies: the optimizer step is applied (``"log"``, ``"clip"``).
+        budget: the :class:`Budgets` field that bounds this rung (``None``: unbounded).
+        when_spent: what a spent budget turns this rung into when it is a ladder's last
+            (``None``: it stays itself).
+    """
+
+    name: ClassVar[str]
+    applies: ClassVar[bool] = False
+    budget: ClassVar[str | None] = None
+    when_spent: ClassVar[str | None] = None
+
+    def spent(self, budgets: Budgets, c: Counters, can_rollback: bool) -> bool:
+        """Whether this rung cannot be used now (its budget is spent)."""
+        return False
+
+    def count(self, c: Counters) -> None:
+        """Spend what carrying this response out uses (a clean step resets the streak)."""
+        c.streak = 0
+
+    def carry_out(self, shell: Shell, step: Any, factor: float) -> dict[str, Any]:
+        """Act on the guard; returns entries for the action record (default: nothing to do)."""
+        return {}
+
+    def detail(self, factor: float, c: Counters) -> str:
+        """What the response did, in words."""
+        return ""
+
+
+class Log(Response):
+    """Record the signal and apply the step as usual."""
+
+    name = "log"
+    applies = True
+
+
+class Clip(Response):
+    """Record the signal; the step is applied (clipped by the policy, as every step is)."""
+
+    name = "clip"
+    applies = True
+
+
+class Skip(Response):
+    """Do not apply the step; budget: ``skip`` skips in a row before the ladder escalates."""
+
+    name = "skip"
+    budget = "skip"
+
+    def spent(self, budgets: Budgets, c: Counters, can_rollback: bool) -> bool:
+        return c.streak >= budgets.skip
+
+    def count(self, c: Counters) -> None:
+        c.streak += 1
+        c.skips += 1
+
+    def detail(self, factor: float, c: Counters) -> str:
+        return "step not applied"
+
+
+class Backoff(Skip):
+    """Skip, and multiply the learning rate by ``backoff_factor`` from now on; budget:
+    ``backoff`` back-offs in the run (spent on a last rung: log, the LR is not cut again)."""
+
+    name = "backoff"
+    budget = "backoff"
+    when_spent = "log"
+
+    def spent(self, budgets: Budgets, c: Counters, can_rollback: bool) -> bool:
+        return c.backoffs >= budgets.backoff
+
+    def count(self, c: Counters) -> None:
+        super().count(c)
+        c.backoffs += 1
+
+    def carry_out(self, shell: Shell, step: Any, factor: float) -> dict[str, Any]:
+        shell.backoff(factor)
+        return {}
+
+    def detail(self, factor: float, c: Counters) -> str:
+        return f"step not applied, learning rate x{factor}"
+
+
+class Rollback(Response):
+    """Restore the last good snapshot and skip the bad window on replay (PaLM); budget:
+    ``rollback`` rollbacks in the run; unavailable without a snapshot older than the streak."""
+
+    name = "rollback"
+    budget = "rollback"
+    when_spent = "abort"
+
+    def spent(self, budgets: Budgets, c: Counters, can_rollback: bool) -> bool:
+        return not can_rollback or c.rollbacks >= budgets.rollback
+
+    def count(self, c: Counters) -> None:
+        c.rollbacks += 1
+        c.streak = 0
+
+    def carry_out(self, shell: Shell, step: Any, factor: float) -> dict[str, Any]:
+        return shell.roll_back(step)
+
+    def detail(self, factor: float, c: Counters) -> str:
+        return "restored the last good snapshot, bad batches skipped on replay"
+
+
+class Abort(Response):
+    """Stop with an incident report (:class:`GuardAbort`)."""
+
+    name = "abort"
+
+    def count(self, c: Counters) -> None:
+        return None  # the counts stay as they were when the budgets ran out
+
+    def carry_out(self, shell: Shell, step: Any, factor: float) -> dict[str, Any]:
+        shell.abort(step)
+
+    def detail(self, factor: float, c: Counters) -> str:
+        return (
+            f"budgets spent (skips in a row {c.streak}, rollbacks {c.rollbacks}, "
+            f"back-offs {c.backoffs})"
+        )
+
+
+class _Step(Response):
+    """A clean step: nothing fired."""
+
+    name = "step"
+    applies = True
+
+
+# Mildest first: the order is the severity a ladder must grow in.
+RESPONSES: dict[str, Response] = {r.name: r for r in (Log(), Clip(), Skip(), Backoff(),
+                                                     Rollback(), Abort())}  # fmt: skip
+ACTIONS = tuple(RESPONSES)
+_ALL = {"step": _Step(), **RESPONSES}
+SEVERITY = {a: i for i, a in enumerate(_ALL)}
+SKIPPING = frozenset(a for a, r in RESPONSES.items() if not r.applies)
 DEFAULT_LADDER: tuple[str, ...] = ("skip", "rollback", "abort")
 AMP = "amp_overflow"
 NONFINITE = "nonfinite"
 
 
 class GuardAbort(RuntimeError):
-    """Training stopped by the guard. ``incident`` holds the report (also in the records)."""
+    """Training stopped by the guard. ``incident`` holds the report (also in the records).
+
+    The model, optimizer, scheduler and scaler stay usable: a caller that catches it may lower
+    the learning rate, change the data and go on stepping the same guard.
+    """
 
     def __init__(self, message: str, incident: dict[str, Any]) -> None:
         super().__init__(message)
@@ -75,7 +244,8 @@ class Budgets:
     Attributes:
         skip: skips in a row (consecutive flagged steps) before escalating; 8 by default, so
             that a short window of bad batches (a corrupt shard) is skipped, not fatal.
-        backoff: LR back-offs in the whole run before escalating.
+        backoff: LR back-offs in the whole run: the one bound on how often the learning rate
+            is cut (a spent budget escalates, or, on a ladder's last rung, logs).
         rollback: rollbacks in the whole run before escalating.
     """
 
@@ -145,18 +315,12 @@ def check_ladder(name: str, ladder: Any) -> tuple[str, ...]:
 
 def _rung(ladder: tuple[str, ...], budgets: Budgets, c: Counters, can_rollback: bool) -> str:
     for i, action in enumerate(ladder):
-        if i == len(ladder) - 1:
-            # The last rung: a rollback without a snapshot (or without budget) cannot happen.
-            if action == "rollback" and (not can_rollback or c.rollbacks >= budgets.rollback):
-                return "abort"
+        if not _ALL[action].spent(budgets, c, can_rollback):
             return action
-        if action == "skip" and c.streak >= budgets.skip:
-            continue
-        if action == "backoff" and c.backoffs >= budgets.backoff:
-            continue
-        if action == "rollback" and (not can_rollback or c.rollbacks >= budgets.rollback):
-            continue
-        return action
+        if i == len(ladder) - 1:
+            # The last rung is spent: a rollback cannot happen (abort), a back-off is not
+            # repeated beyond its budget (log), a skip stays a skip (there is nothing above).
+            return _ALL[action].when_spent or action
     raise AssertionError("unreachable: ladders are never empty")
 
 
@@ -246,6 +410,7 @@ class Responder:
             AMP: ("skip",),
             NONFINITE: responses.get(NONFINITE, default_response),
         }
+        names: set[str] = set()
         for d in detectors:
             signal = getattr(d, "signal", None)
             key = f"{d.name}:{signal}" if isinstance(signal, str) else str(d.name)
@@ -255,6 +420,8 @@ class Responder:
             fallback = check_ladder(key, own) if own is not None else default_response
             self.ladders[key] = responses.get(key, responses.get(str(d.name), fallback))
             self.keys.append(key)
+            names.add(str(d.name))
+        _check_keys(responses, {NONFINITE, *self.keys[2:], *names})
         # Slot 0 is "clipped": it never skips.
         self._skip_bits = [0.0] + [
             1.0 if self.ladders[k][0] in SKIPPING else 0.0 for k in self.keys
@@ -280,6 +447,18 @@ class Responder:
         return (flags * mask).amax() > 0
 
     # ------------------------------------------------------------------ host side
+
+    def refresh(self) -> None:
+        """Recompute which slots skip on the device from the rung each signal is on now (a
+        spent back-off budget turns a back-off ladder's last rung into a log)."""
+        bits = [0.0] + [
+            1.0 if _rung(self.ladders[k], self.budgets, self.counters, True) in SKIPPING else 0.0
+            for k in self.keys
+        ]
+        if bits != self._skip_bits:
+            self._skip_bits = bits
+            self._skip_mask = torch.tensor(bits)
+            self._masks = {}
 
     @staticmethod
     def skipped_bits(bits: Sequence[bool], mask: Sequence[float]) -> bool:
@@ -313,20 +492,19 @@ class Responder:
             else:
                 action = "clip" if clipped else "step"
         verdict = Verdict(action, signal, "", fired, clipped, self._detector_index(signal))
-        # Spend: one place counts what every action uses.
+        # Spend: the response counts what it uses; the scaler's own overflow spends no budget.
         if signal == AMP:
             c.amp_skips += 1
-        elif action in ("skip", "backoff"):
-            c.streak += 1
-            c.skips += 1
-            c.backoffs += action == "backoff"
-        elif action == "rollback":
-            c.rollbacks += 1
-            c.streak = 0
-        elif action != "abort":
-            c.streak = 0
+        else:
+            _ALL[action].count(c)
         verdict.reason = self.reason(verdict)
+        self.refresh()
         return verdict
+
+    def carry_out(self, verdict: Verdict, shell: Shell, step: Any) -> dict[str, Any]:
+        """Carry a decided verdict out on the guard (back-off, rollback, abort; nothing for
+        the others) and return the action record's extra entries."""
+        return _ALL[verdict.action].carry_out(shell, step, self.backoff_factor)
 
     def _detector_index(self, signal: str) -> int | None:
         if signal in self.keys[2:]:
@@ -339,17 +517,7 @@ class Responder:
             return "amp_overflow: the loss scaler found inf/NaN gradients and lowers its scale"
         if v.action not in SKIPPING:
             return f"logged: {', '.join(v.fired)} fired" if v.fired else ""
-        c = self.counters
-        detail = {
-            "skip": "step not applied",
-            "backoff": f"step not applied, learning rate x{self.backoff_factor}",
-            "rollback": "restored the last good snapshot, bad batches skipped on replay",
-            "abort": (
-                f"budgets spent (skips in a row {c.streak}, rollbacks {c.rollbacks}, "
-                f"back-offs {c.backoffs})"
-            ),
-        }[v.action]
-        return f"{v.signal}: {detail}"
+        return f"{v.signal}: {_ALL[v.action].detail(self.backoff_factor, self.counters)}"
 
     def state_dict(self) -> dict[str, Any]:
         """The counters and the signal layout (a guard built otherwise cannot load it)."""
@@ -359,6 +527,7 @@ class Responder:
         """Restore :meth:`state_dict`'s counters after checking the layout matches."""
         self.check_layout(state)
         self.counters.load_state_dict(state["counters"])
+        self.refresh()
 
     def check_layout(self, state: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` unless ``state`` was saved with this signal layout."""
@@ -367,3 +536,17 @@ class Responder:
                 f"Guard.load_state_dict: the state was saved with signals {state['keys']}, "
                 f"this guard has {self.keys}; build it with the same detectors"
             )
+
+
+def _check_keys(responses: Mapping[str, Any], known: set[str]) -> None:
+    """Every ``responses`` key names a signal this guard has (a typo must not silently leave
+    the default ladder in force)."""
+    for key in responses:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"responses: {key!r} names no signal of this guard (its signals: "
+            f"{', '.join(sorted(known))}){hint}"
+        )

@@ -4,11 +4,12 @@ A skipped step leaves more than the weights alone. Everything that moves with a 
 where it was, or the run drifts from one that never saw the bad batch:
 
 * module buffers the forward changed (BatchNorm's running statistics and batch counter):
-  :class:`BufferKeeper` keeps a copy of the last applied step's buffers and puts them back on
-  the device with ``torch.where`` (no host sync);
+  :class:`BufferKeeper` copies them before each step's forward and puts them back on a skip
+  (on the device with ``torch.where``: no host sync);
 * the optimizer: a fused optimizer skips inside its kernel when handed ``found_inf``
-  (:func:`arm_found_inf`); any other optimizer skips a parameter whose gradient is ``None``
-  (:func:`drop_grads`);
+  (:func:`arm_found_inf`); torch's other optimizers skip a parameter whose gradient is ``None``
+  (:func:`drop_grads`); any other optimizer stepped by a framework is put back afterwards
+  (:class:`OptimizerKeeper`);
 * the LR scheduler and every param-group hyperparameter it sets (learning rate, OneCycleLR's
   momentum and betas, tensor learning rates): :class:`GroupState` copies and restores them;
 * GradScaler's growth counter: a step the guard skipped is not a step without overflow
@@ -23,16 +24,20 @@ scheduler's values, does not either.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from gradguard.core.snapshot import forward_rng_state
+
 __all__ = [
     "BufferKeeper",
     "GroupState",
     "LRScale",
+    "OptimizerKeeper",
     "arm_found_inf",
     "disarm_found_inf",
     "drop_grads",
@@ -42,7 +47,7 @@ __all__ = [
 
 def _buffer_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """Where the buffers a checkpoint holds (``state_dict``) live: the ones a forward may
-    update. Found once; each step reads ``module._buffers[name]`` (a module may replace one)."""
+    update. Each capture reads ``module._buffers[name]`` (a module may replace one)."""
     out: list[tuple[nn.Module, str]] = []
     seen: set[int] = set()
     for module in model.modules():
@@ -54,14 +59,46 @@ def _buffer_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return out
 
 
-class BufferKeeper:
-    """Keep module buffers as the last applied step left them, and restore them on a skip.
+class _PreForward:
+    """The model's forward pre-hook: the keeper captures the buffers before the first forward
+    of a step. A weak reference, and a copied or pickled model gets a hook that does nothing, so
+    ``copy.deepcopy(model)`` (a diagnosis of a copy) never writes into this guard."""
 
-    One copy of the persistent buffers (BatchNorm: two vectors and a counter per layer). After
-    every guarded step :meth:`settle_` runs ``buf = where(skipped, kept, buf); kept = buf`` on the
-    device: an applied step keeps what its forward did, a skipped one gets the buffers back. The
-    buffers are found when the keeper is made and after :meth:`keep_` (a restore); a module
-    that adds a buffer later is not covered until then.
+    def __init__(self, keeper: BufferKeeper) -> None:
+        self._ref = weakref.ref(keeper)
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        keeper = self._ref()
+        if keeper is not None and module is keeper.model:
+            keeper.capture_()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_NoHook, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _NoHook:
+        return _NoHook()
+
+
+class _NoHook:
+    """What a copied or unpickled model holds instead of a guard's hook."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class BufferKeeper:
+    """Keep module buffers as they were before this step's forward; restore them on a skip.
+
+    A forward in training mode moves BatchNorm's running statistics and batch counter before the
+    guard sees the step. The keeper reads the buffers at the last moment they are right: a
+    forward pre-hook on the model copies them (one ``torch._foreach_copy_``) before the first
+    forward after each settled step, so whatever the user did between steps (loaded a
+    checkpoint, cast the model to another dtype or device, replaced a buffer) is what a skip
+    puts back. :meth:`settle_` then restores them on a skipped step (``torch.where`` on the
+    device when the decision is a device flag: no host sync).
+
+    A step whose forward did not go through the model's own ``__call__`` (a loop that calls a
+    submodule directly) falls back to the copy taken when the previous step settled.
 
     Args:
         model: the module whose buffers are kept.
@@ -71,34 +108,128 @@ class BufferKeeper:
         >>> loss = model(x).sum(); ...; keeper.settle_(skip)   # skip: 0-dim bool tensor
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, buffers: bool = True, rng: bool = False) -> None:
         self.model = model
+        self.buffers = buffers
+        self.rng_too = rng
+        self.rng: dict[str, Any] | None = None  # the RNG state before this step's forward
         self._slots: list[tuple[nn.Module, str]] = []
         self._kept: list[Tensor] = []
+        self.fresh = False  # the kept copy is this step's (the pre-forward hook fired)
         self.keep_()
+        self.fresh = False
+        self._handle = model.register_forward_pre_hook(_PreForward(self))
+
+    def close(self) -> None:
+        """Remove the forward pre-hook."""
+        self._handle.remove()
+
+    def _live(self) -> list[Tensor]:
+        live = [m._buffers.get(n) for m, n in self._slots]
+        if any(b is None for b in live) or len(live) != len(self._kept):
+            self._slots = _buffer_slots(self.model)
+            live = [m._buffers.get(n) for m, n in self._slots]
+            self._kept = [b.detach().clone() for b in live if b is not None]
+        out = [b for b in live if b is not None]
+        for i, (b, k) in enumerate(zip(out, self._kept)):
+            if b.shape != k.shape or b.dtype != k.dtype or b.device != k.device:
+                # Cast or moved since (model.double(), .to(device)): follow the live buffer.
+                self._kept[i] = b.detach().clone()
+        return out
+
+    def capture_(self) -> None:
+        """Copy the buffers (and, with ``rng``, the RNG state) now: the forward pre-hook calls
+        it before the first forward after each settled step."""
+        if self.fresh:
+            return
+        if self.rng_too:
+            self.rng = forward_rng_state()
+        live = self._live() if self.buffers else []
+        if live:
+            with torch.no_grad():
+                torch._foreach_copy_(self._kept, [b.detach() for b in live])
+        self.fresh = True
 
     def keep_(self) -> None:
-        """Find the buffers and keep their current values (after a restore from a snapshot, too)."""
+        """Take the buffers as they are now as the state to restore (after a restore, too)."""
+        if self.rng_too:
+            self.rng = forward_rng_state()
+        if not self.buffers:
+            self.fresh = True
+            return
         self._slots = _buffer_slots(self.model)
         self._kept = [m._buffers[n].detach().clone() for m, n in self._slots]  # type: ignore[union-attr]
+        self.fresh = True
+
+    def before_forward(self) -> dict[str, Tensor]:
+        """The kept buffers by ``model.state_dict()`` key (for snapshots and incident bundles:
+        the state before this step's forward)."""
+        if not self.buffers:
+            return {}
+        kept = {id(m._buffers[n]): k for (m, n), k in zip(self._slots, self._kept)}
+        return {
+            key: kept[id(v)]
+            for key, v in self.model.state_dict(keep_vars=True).items()
+            if id(v) in kept
+        }
 
     def settle_(self, skipped: Tensor | bool) -> None:
         """After a step: restore the buffers if ``skipped`` (a 0-dim bool tensor or a bool)."""
-        if not self._slots:
-            return
-        live = [m._buffers.get(n) for m, n in self._slots]
-        if any(b is None or b.shape != k.shape for b, k in zip(live, self._kept)):
-            self.keep_()  # a module replaced a buffer by another shape: nothing to compare
+        fallback = not self.fresh  # no pre-forward copy this step: copy after settling
+        self.fresh = False
+        if fallback and self.rng_too:
+            self.rng = forward_rng_state()
+        live = self._live() if self.buffers else []
+        if not live:
             return
         with torch.no_grad():
-            for b, k in zip(live, self._kept):
-                assert b is not None
-                if isinstance(skipped, bool):
-                    (b if skipped else k).copy_(k if skipped else b)
-                    continue
-                flag = skipped if skipped.device == b.device else skipped.to(b.device)
-                b.copy_(torch.where(flag, k, b))
-                k.copy_(b)
+            if isinstance(skipped, bool):
+                if skipped:
+                    torch._foreach_copy_(live, self._kept)
+            else:
+                for b, k in zip(live, self._kept):
+                    flag = skipped if skipped.device == b.device else skipped.to(b.device)
+                    b.copy_(torch.where(flag, k, b))
+            if fallback:
+                torch._foreach_copy_(self._kept, [b.detach() for b in live])
+
+    def restore_(self) -> None:
+        """Put the kept buffers back now (an abandoned step) and wait for the next forward."""
+        self.settle_(True)
+
+
+class OptimizerKeeper:
+    """Everything an optimizer outside ``torch.optim`` may change in a skipped step, kept to put
+    back: its parameters' values and its ``state_dict``.
+
+    torch's optimizers skip a parameter without a gradient entirely (no moment, weight-decay or
+    step-counter change), so a framework's ``optimizer.step()`` after :func:`drop_grads` is a
+    skip. Others (pytorch-optimizer's Lion, Adan, Prodigy, ScheduleFree...) advance a per-group
+    step counter or move the weights anyway; for them a skip decided on the host is undone
+    after the framework's step. It costs a copy of the weights and the optimizer state, on
+    skipped steps only.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> None:
+        self.params = params
+        with torch.no_grad():
+            self.values = [p.detach().clone() for p in params]
+        self.state = copy.deepcopy(optimizer.state_dict())
+        self.groups = GroupState(optimizer, None)
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put the weights, the optimizer state and the group hyperparameters back."""
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values):
+                p.copy_(v)
+        optimizer.load_state_dict(self.state)
+        self.groups.restore(optimizer, None)
+
+
+def skips_without_grads(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` leaves a parameter whose ``.grad`` is ``None`` untouched:
+    true of torch's own optimizers (pytorch-optimizer's are not all so)."""
+    return type(optimizer).__module__.startswith("torch.optim")
 
 
 def arm_found_inf(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:

@@ -177,6 +177,11 @@ def _n_rows(batch: Any) -> int | None:
     return int(x.shape[0]) if isinstance(x, Tensor) and x.dim() >= 1 else None
 
 
+def _whole_batch(model: nn.Module, batch: Any) -> Any:
+    """``model(batch)``: how a model whose forward takes the batch dict itself is called."""
+    return model(batch)
+
+
 def _loss(output: Any, batch: Any) -> Tensor:
     """The model's own loss when it returns one (Hugging Face), else the default loss."""
     return own_loss(output, batch)
@@ -715,7 +720,8 @@ def replay(
         call: ``call(model, batch) -> output``, how the training loop runs the model on a batch
             (``lambda m, b: m(b)`` for a model whose ``forward`` takes the batch itself);
             ``None``: the factory's fourth item, else ``model(x)`` for an ``(x, y)`` batch and
-            ``model(**batch)`` for a dict batch.
+            ``model(**batch)`` for a dict batch (``model(batch)`` when the model takes no such
+            keywords).
         optimizer_factory: ``optimizer_factory(model) -> optimizer`` for an optimizer outside
             ``torch.optim`` (its state is loaded from the bundle); ``None`` rebuilds the
             recorded ``torch.optim`` class with the recorded param groups.
@@ -817,7 +823,23 @@ class _Case:
         self.runner = _Runner(model, fn, b.snapshot.get("rng"), b.meta.get("amp_dtype"), call)
         try:
             self.base = self.runner(batch)
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        except TypeError as e:
+            if call is not None or not isinstance(model_input(batch), Mapping):
+                raise NotReproducible(
+                    f"the factory's model does not run on the recorded batch: TypeError: {e}"
+                ) from e
+            # A dict batch the model's forward takes whole (forward(batch)), not as keywords.
+            self.call = call = _whole_batch
+            self.runner = _Runner(model, fn, b.snapshot.get("rng"), b.meta.get("amp_dtype"), call)
+            try:
+                self.base = self.runner(batch)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e2:
+                raise NotReproducible(
+                    "the factory's model runs neither as model(**batch) nor as model(batch) on "
+                    f"the recorded batch ({type(e2).__name__}: {e2}); pass call="
+                ) from e2
+            notes.append("the model takes the batch dict whole: replayed as model(batch)")
+        except (RuntimeError, ValueError, IndexError) as e:
             raise NotReproducible(
                 f"the factory's model does not run on the recorded batch: {type(e).__name__}: {e}"
             ) from e
