@@ -31,7 +31,7 @@ from gradguard.app.lab.models import deep_mlp
 from gradguard.core.norms import grad_norms
 from gradguard.guard.guard import Guard, GuardConfig
 from gradguard.records.recorder import Recorder
-from gradguard.records.sinks import JsonlSink
+from gradguard.records.sinks import JsonlSink, read_jsonl
 
 DESCRIPTION = (
     "A 10-layer ReLU MLP, SGD lr 0.02 momentum 0.9, batch 64, on y = sin(2 x.w) + noise. "
@@ -235,7 +235,7 @@ class _Run:
         clips = skips = rollbacks = None
         applied = self.iterations
         if self.guard is not None:
-            rows = self.recorder.rows
+            rows = read_jsonl(self.path)  # the sink holds the whole run; memory a window
             steps = [r for r in rows if r["kind"] == "step"]
             clips = sum(bool(r.get("clipped")) for r in steps)
             skips = sum(r.get("action") in ("skip", "backoff") for r in steps)
