@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -61,6 +61,28 @@ def median_ms_interleaved(
             sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def cpu_ms_interleaved(
+    fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Thread CPU milliseconds of every call of each ``name: fn``, timed round-robin.
+
+    ``time.thread_time_ns`` counts only the time this thread ran, so another job on a shared
+    machine does not inflate it (with one intra-op thread, torch runs every CPU kernel, the
+    backward pass included, on the calling thread). Returns the per-round times; round ``i``
+    of every name ran back to back, so ``a[i] - b[i]`` is a paired difference.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.thread_time_ns()
+            fn()
+            times[name].append((time.thread_time_ns() - start) / 1e6)
+    return times
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -95,7 +95,7 @@ def _case(name: str, shapes: list[tuple[int, ...]], device: str, quick: bool) ->
     """Time every method on one gradient set; returns {method: median ms}."""
     repeats, warmup = (3, 1) if quick else (11, 2)
     params = make_params(shapes, device)
-    bound = Shrinking([p.grad for p in params])
+    bound = Shrinking([p.grad for p in params if p.grad is not None])
     # Slow baselines get fewer repeats: they are far from the targets either way.
     slow = max(3, repeats // 3)
     clipping: Fns = {
@@ -120,7 +120,7 @@ def _case(name: str, shapes: list[tuple[int, ...]], device: str, quick: bool) ->
     t.update(median_ms_interleaved(agc, warmup, device))
     grads = gg.ContiguousGrads(params)  # re-points every .grad into one flat buffer
     flat = grads.flat()[0]
-    bound = Shrinking([p.grad for p in params])
+    bound = Shrinking([p.grad for p in params if p.grad is not None])
     contiguous: Fns = {
         "torch_foreach_2": (
             lambda: torch.nn.utils.clip_grad_norm_(params, bound(), foreach=True),
