@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -211,3 +212,20 @@ def test_a_bad_state_raises_and_changes_nothing(change: dict[str, Any]) -> None:
     with pytest.raises((ValueError, TypeError)):
         rec.load_state_dict({**good, **change})
     assert rec.state_dict() == good
+
+
+def test_the_report_of_a_run_longer_than_the_window_reads_every_step_from_the_sink(
+    tmp_path: Path,
+) -> None:
+    from gradguard.records.sinks import JsonlSink
+    from gradguard.report import build_report
+
+    rec = Recorder([JsonlSink(tmp_path / "run.jsonl")], flush_every=8, window=10)
+    for s in range(60):
+        rec.log(s, loss=1.0 / (s + 1), grad_norm=0.5, clipped=False, action="step", lr=0.1)
+        if s == 7:
+            rec.event(7, "action", action="skip", reason="a spike")
+    rec.close()
+    assert len(rec.rows) == 11  # memory: the action of step 7 and the last 10 steps
+    html = build_report(tmp_path / "run.jsonl", tmp_path / "report.html").read_text()
+    assert "60 (step 0 to 59)" in html and "a spike" in html

@@ -3,7 +3,9 @@
 A training loop that calls ``.item()`` every step waits for the accelerator every step. The
 :class:`Recorder` instead keeps 0-dim tensors as they are and, every ``flush_every`` steps,
 moves them all to the host in one transfer per device, turning them into plain rows (dicts) that
-the sinks write (JSONL by default; CSV, TensorBoard and console sinks live in ``sinks``).
+the sinks write (JSONL by default; CSV, TensorBoard and console sinks live in ``sinks``). In
+memory it keeps a bounded window of recent steps and the rare rows (actions, incidents,
+findings), so its size does not grow with the run; the sinks have every row.
 
 Row schema (version ``SCHEMA_VERSION``): every row has ``v`` (schema version), ``kind`` and
 ``step``. Kinds: ``"step"`` (per-step numbers: ``loss``, ``grad_norm``, ``clipped_norm``,
