@@ -4,17 +4,16 @@ Every aten op of a whole step (forward, backward, clip or guard, optimizer step,
 counted by a ``TorchDispatchMode``. Each op is charged to the component running when it was
 dispatched: the benchmark wraps the live guard's component objects (``guard.policy``, each of
 ``guard.detectors``, ``guard.nonfinite_rule``, ``guard.responder``, ``guard.buffers``,
-``guard.lr_scale``, ``guard.recorder``) method by method, the gradguard functions the guard's
-module calls (norms, flags), and the guard's own methods, so the library needs no hooks; the
-optimizer's step is marked by its own step hooks. The innermost wrapper wins: ops of
-``policy.update`` called from ``Guard._decide`` count for the policy.
+``guard.lr_scale``, ``guard.recorder``) method by method, every gradguard function the
+guard's modules call (norms, flags, measuring), and the guard's own methods, so the library
+needs no hooks; the optimizer's step is marked by its own step hooks. The innermost wrapper
+wins: ops of ``policy.update`` called from ``Guard._decide`` count for the policy.
 
 Counts are averages over 50 steps after a warm-up past the policy's own (so one record flush,
 every 50 steps by default, is included). An op is one dispatch of an aten operator: a foreach
 op over 40 tensors is one op, as it is one kernel launch (per device and dtype) on a GPU; the
 profiler's ``record_function`` marks (optimizer.step, zero_grad) run no kernel and are not
-counted.
-Target: at most 25 extra ops per guarded step beyond a torch-clip step, with the defaults.
+counted. Target: at most 25 extra ops per guarded step beyond a torch-clip step, with the defaults.
 """
 
 from __future__ import annotations
@@ -51,7 +50,8 @@ COMPONENTS = {
     "buffers": "buffer keeping",
     "recorder": "records",
 }
-# gradguard modules whose functions the guard calls, and the component they are.
+# The component of a gradguard function, by the module that defines it; a module not named
+# here is its own component (``gradguard.guard.measure`` -> ``measure``).
 MODULES = {
     "gradguard.core.norms": "norms",
     "gradguard.core.distributed": "norms",
@@ -59,7 +59,18 @@ MODULES = {
     "gradguard.guard.skip": "flags/skip",
     "gradguard.guard.step": "flags/skip",
     "gradguard.guard.response": "flags/skip",
+    "gradguard.guard.guard": "guard (own code)",
+    "gradguard.decide.detect": "detector",
+    "gradguard.decide.policies": "policy",
+    "gradguard.records.recorder": "records",
 }
+# The packages whose modules' function globals are wrapped (where the guard's calls go).
+PACKAGES = ("gradguard.core.", "gradguard.decide.", "gradguard.guard.", "gradguard.records.")
+
+
+def module_component(module: str) -> str:
+    """``"gradguard.core.norms"`` -> ``"norms"``; unnamed modules by their last part."""
+    return MODULES.get(module, module.rsplit(".", 1)[-1])
 
 
 class OpCounter(TorchDispatchMode):
@@ -85,6 +96,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def _labelled(counter: OpCounter, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with counter.label(name):
             return fn(*args, **kwargs)
@@ -119,10 +131,11 @@ class Instrument:
             setattr(obj, name, _labelled(self.counter, label, getattr(obj, name)))
             self._undo.append(functools.partial(delattr, obj, name))
 
-    def wrap_module(self, module: types.ModuleType, component: str, only_from: str) -> None:
+    def wrap_functions(self, module: types.ModuleType) -> None:
+        """Wrap every gradguard function ``module`` reaches through its globals."""
         for name, fn in list(vars(module).items()):
-            if isinstance(fn, types.FunctionType) and fn.__module__ == only_from:
-                label = f"{component}: {fn.__name__}"
+            if isinstance(fn, types.FunctionType) and fn.__module__.startswith("gradguard."):
+                label = f"{module_component(fn.__module__)}: {fn.__name__}"
                 setattr(module, name, _labelled(self.counter, label, fn))
                 self._undo.append(functools.partial(setattr, module, name, fn))
 
@@ -132,13 +145,12 @@ class Instrument:
             for obj in value if isinstance(value, (list, tuple)) else [value]:
                 if obj is not None:
                     self.wrap_object(obj, component)
-        # The gradguard functions the guard calls: those imported into its module by name, and
-        # those it reaches through an imported module (``_skip.scaler_update``).
-        home = sys.modules[type(guard).__module__]
-        for source, component in MODULES.items():
-            if source in sys.modules:
-                self.wrap_module(home, component, only_from=source)
-                self.wrap_module(sys.modules[source], component, only_from=source)
+        # The gradguard functions the guard calls, wherever they are called from: every module
+        # of the packages has its function globals wrapped (``from .norms import grad_norms``
+        # binds a global in the caller's module; ``_skip.scaler_update`` reads skip's own).
+        for name, module in list(sys.modules.items()):
+            if name.startswith(PACKAGES) and module is not None:
+                self.wrap_functions(module)
         self.wrap_object(guard, "guard (own code)", private=True)
         self.optimizer(guard.optimizer)
 
