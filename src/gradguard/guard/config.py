@@ -19,7 +19,15 @@ from gradguard.decide.detect import Detector, NonFiniteDetector
 from gradguard.decide.policies import ClipPolicy
 from gradguard.guard.response import DEFAULT_LADDER, Budgets, check_ladder
 
-__all__ = ["SYNC_MODES", "GuardConfig", "check_objects", "has_state"]
+__all__ = [
+    "SYNC_MODES",
+    "GuardConfig",
+    "check_objects",
+    "check_state",
+    "has_state",
+    "is_fused",
+    "sync_free",
+]
 
 SYNC_MODES = ("auto", "step", "lazy")
 
@@ -132,8 +140,28 @@ class GuardConfig:
                 )
 
 
-def check_objects(optimizer: Any, scheduler: Any, scaler: Any, config: GuardConfig) -> None:
-    """Raise ``TypeError``/``ValueError`` unless the guard can call every object it is given."""
+def check_objects(
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any,
+    config: GuardConfig | None,
+    recorder: Any = None,
+) -> GuardConfig:
+    """Raise ``TypeError``/``ValueError`` unless a guard can call every object it is given.
+
+    Returns:
+        The config (``GuardConfig()`` for ``None``).
+    """
+    from gradguard.records.recorder import Recorder
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = GuardConfig() if config is None else config
+    if not isinstance(config, GuardConfig):
+        raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
+    if recorder is not None and not isinstance(recorder, Recorder):
+        raise TypeError(f"recorder must be a Recorder, got {type(recorder).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
@@ -180,6 +208,12 @@ def check_objects(optimizer: Any, scheduler: Any, scaler: Any, config: GuardConf
             )
     if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
         raise TypeError("scaler must be a torch.amp.GradScaler or None")
+    if config.sync == "lazy" and not is_fused(optimizer):
+        raise ValueError(
+            "sync='lazy' needs a fused optimizer (fused=True Adam, AdamW or SGD), which "
+            "skips a step on the device; use sync='auto' or 'step'"
+        )
+    return config
 
 
 def has_state(obj: Any) -> bool:
@@ -187,3 +221,51 @@ def has_state(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(
         getattr(obj, "load_state_dict", None)
     )
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """The optimizer, as its parameter groups are now, steps in a fused kernel that skips on
+    ``found_inf`` (torch's fused Adam, AdamW and SGD)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and any(
+        g.get("fused", False) for g in optimizer.param_groups
+    )
+
+
+def sync_free(optimizer: Any, scheduler: Any, scaler: Any, sync: str, plain: bool) -> bool:
+    """Whether a step goes the sync-free route (the device decides; the host reads the flags
+    later), read from the objects as they are now.
+
+    Raises:
+        ValueError: ``sync='lazy'`` and the optimizer is not fused (any more).
+    """
+    fused = is_fused(optimizer)
+    if sync == "lazy" and not fused:
+        raise ValueError(
+            "sync='lazy' needs a fused optimizer, and the optimizer's param groups are not "
+            "fused now (a loaded checkpoint sets 'fused' too); use sync='auto'"
+        )
+    if not fused or sync == "step":
+        return False
+    if scheduler is not None and not has_state(scheduler):
+        return False  # the scheduler cannot be put back: decide on the host first
+    amp = scaler is not None and scaler.is_enabled()
+    return plain or (scheduler is None and not amp)
+
+
+def check_state(state: Any, version: int, detectors: int) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``state`` is a guard's ``state_dict()`` that a
+    guard with ``detectors`` detectors reads (the signal layout is the responder's check)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    need = ["version", "step", "position", "policy", "detectors", "keys", "streak_start"]
+    need += ["counters", "skip_list", "recorder"]
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ValueError(f"Guard.load_state_dict: state lacks keys {missing}")
+    if int(state["version"]) > version:
+        raise ValueError(f"guard state version {state['version']} is newer than supported")
+    if len(state["detectors"]) != detectors:
+        raise ValueError(
+            f"Guard.load_state_dict: the state has {len(state['detectors'])} detectors, this "
+            f"guard {detectors}; build it with the same detectors"
+        )

@@ -72,15 +72,12 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
 
-from gradguard.core import distributed as _distributed
-from gradguard.core.norms import grad_norms
 from gradguard.core.snapshot import (
     SnapshotError,
     SnapshotStore,
@@ -89,27 +86,37 @@ from gradguard.core.snapshot import (
     load_snapshot,
     restore,
 )
-from gradguard.decide.detect import NonFiniteDetector, Signals
+from gradguard.decide.detect import NonFiniteDetector
 from gradguard.decide.policies import ClipPolicy
 from gradguard.guard import skip as _skip
-from gradguard.guard.config import GuardConfig, check_objects, has_state
+from gradguard.guard.config import (
+    GuardConfig,
+    check_objects,
+    check_state,
+    has_state,
+    is_fused,
+    sync_free,
+)
 from gradguard.guard.defaults import default_detectors, default_policy
 from gradguard.guard.incident import IncidentWriter
+from gradguard.guard.measure import measure
 from gradguard.guard.response import AMP, Counters, GuardAbort, Responder, Verdict
-from gradguard.guard.rollback import SkipList, SkipSampler
-from gradguard.guard.step import PendingStep, Phase, Stage, StepReport, read_bits, to_host
+from gradguard.guard.rollback import Rollbacks, SkipList, SkipSampler
+from gradguard.guard.step import (
+    PendingStep,
+    Phase,
+    Stage,
+    StepReport,
+    plain_row,
+    read_bits,
+    to_host,
+)
 from gradguard.records.bundle import BundleSpec
 from gradguard.records.recorder import Named, Recorder
 
 __all__ = ["Guard", "GuardAbort", "GuardConfig", "Stage", "StepReport"]
 
 STATE_VERSION = 2
-
-
-def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and any(
-        g.get("fused", False) for g in optimizer.param_groups
-    )
 
 
 def _dense_view(p: Tensor) -> Tensor:
@@ -206,58 +213,32 @@ class Guard:
         recorder: Recorder | None = None,
         process_group: Any = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        config = GuardConfig() if config is None else config
-        if not isinstance(config, GuardConfig):
-            raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
-        check_objects(optimizer, scheduler, scaler, config)
-        if recorder is not None and not isinstance(recorder, Recorder):
-            raise TypeError(f"recorder must be a Recorder, got {type(recorder).__name__}")
-        if config.sync == "lazy" and not _is_fused(optimizer):
-            raise ValueError(
-                "sync='lazy' needs a fused optimizer (fused=True Adam, AdamW or SGD), which "
-                "skips a step on the device; use sync='auto' or 'step'"
-            )
-        self.model, self.optimizer, self.scheduler, self.scaler = (
-            model,
-            optimizer,
-            scheduler,
-            scaler,
-        )
-        self.config = config
-        self.process_group = process_group
-        self.recorder = (
-            recorder if recorder is not None else Recorder(flush_every=config.flush_every)
-        )
+        config = check_objects(model, optimizer, scheduler, scaler, config, recorder)
+        self.model, self.optimizer = model, optimizer
+        self.scheduler, self.scaler = scheduler, scaler
+        self.config, self.process_group = config, process_group
+        self.recorder = Recorder(flush_every=config.flush_every) if recorder is None else recorder
         self.policy: ClipPolicy = config.policy if config.policy is not None else default_policy()
         detectors = list(config.detectors) if config.detectors is not None else default_detectors()
         nonfinite = [d for d in detectors if isinstance(d, NonFiniteDetector)]
         self.nonfinite_rule: NonFiniteDetector | None = nonfinite[0] if nonfinite else None
         self.detectors = [d for d in detectors if not isinstance(d, NonFiniteDetector)]
+        c = config
         self.responder = Responder(
-            self.detectors,
-            config.responses,
-            config.default_response,
-            config.budgets,
-            config.backoff_factor,
+            self.detectors, c.responses, c.default_response, c.budgets, c.backoff_factor
         )
-        self.skip_list = SkipList()
-        self.snapshots = SnapshotStore(config.snapshot_dir, config.keep_snapshots)
+        self.rollbacks = Rollbacks(
+            c.snapshot_every, c.snapshot_dir, c.keep_snapshots, c.skip_before, c.skip_after
+        )
         self.incidents = (
-            IncidentWriter(
-                config.incident_dir, config.incident_actions, max_count=config.incident_max
-            )
-            if config.incident_dir is not None
+            IncidentWriter(c.incident_dir, c.incident_actions, max_count=c.incident_max)
+            if c.incident_dir is not None
             else None
         )
         wants_rng = self.incidents is not None or config.snapshot_every > 0
         self.buffers = _skip.BufferKeeper(model, buffers=config.keep_buffers, rng=wants_rng)
         self.lr_scale = _skip.LRScale()
-        self.step_count = 0
-        self.position = 0
-        self.streak_start = 0
-        self.stage = Stage.READY
+        self.step_count, self.position, self.stage = 0, 0, Stage.READY
         self._pending: PendingStep | None = None
         self._disarm: list[Callable[[], None]] = []  # undone after the optimizer step
         self._step_hooks: list[Callable[[StepReport], None]] = []
@@ -267,10 +248,6 @@ class Guard:
         self._history: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=config.incident_history
         )
-        # The optimizer's parameter structure the snapshots were taken with, and the (step,
-        # position) the next snapshot stands for when it is not simply now.
-        self._structure: tuple[Any, ...] | None = None
-        self._snapshot_at: tuple[int, int] | None = None
         # A checkpoint must not catch a step whose flags the host has not read yet. Settling
         # only reads and undoes a scheduler guess: no collective, so one rank may save alone.
         optimizer.register_state_dict_pre_hook(_Settle(self))
@@ -281,11 +258,8 @@ class Guard:
             _skip.settle_on_read(scheduler, self.settle)
         # Snapshots of an earlier run in snapshot_dir: keep them until resume() (or
         # load_state_dict()) continues that run; a fresh first step raises instead.
-        self._earlier_run = (
-            [f for _, f in self.snapshots.on_disk()] if config.snapshot_every else []
-        )
-        if self._earlier_run:
-            self.stage = Stage.NEEDS_RESUME
+        self._earlier_run = [f for _, f in self.snapshots.on_disk()] if c.snapshot_every else []
+        self.stage = Stage.NEEDS_RESUME if self._earlier_run else Stage.READY
 
     # ------------------------------------------------------------------ public helpers
 
@@ -305,9 +279,19 @@ class Guard:
         return self.responder.ladders
 
     @property
+    def snapshots(self) -> SnapshotStore:
+        """The snapshots a rollback returns to."""
+        return self.rollbacks.store
+
+    @property
+    def skip_list(self) -> SkipList:
+        """The bad windows of data positions that rollbacks found."""
+        return self.rollbacks.skip_list
+
+    @property
     def fused(self) -> bool:
         """The optimizer, as its parameter groups are now, skips a step inside a fused kernel."""
-        return _is_fused(self.optimizer)
+        return is_fused(self.optimizer)
 
     @property
     def lazy(self) -> bool:
@@ -451,7 +435,7 @@ class Guard:
         self._restore(snap, full=True)
         self._earlier_run = []
         self.stage = Stage.READY
-        self._structure = self._signature()
+        self.rollbacks.seen(self.optimizer)
         return self.position
 
     # ------------------------------------------------------------------ the step
@@ -529,12 +513,10 @@ class Guard:
         skipped: Tensor | bool = s.skip if s.verdict is None else s.verdict.skipped
         if s.unscaled:
             # The scaler's own overflow lowers its scale; any other skip leaves the scaler alone.
-            nonfinite = s.flags[2] > 0
-            guard_skip = (
-                skipped if isinstance(skipped, bool) else skipped & (nonfinite | ~s.amp_overflow)
-            )
-            if isinstance(guard_skip, bool) and s.verdict is not None:
-                guard_skip = guard_skip and s.verdict.signal != AMP
+            if s.verdict is not None:
+                guard_skip: Tensor | bool = s.verdict.skipped and s.verdict.signal != AMP
+            else:
+                guard_skip = s.skip & ((s.flags[2] > 0) | ~s.amp_overflow)
             _skip.scaler_update(self.scaler, guard_skip, sync=s.verdict is not None)
             s.unscaled = False
         if self.config.keep_buffers:
@@ -656,19 +638,7 @@ class Guard:
             raise
 
     def _lazy(self, plain: bool) -> bool:
-        """Whether this step goes the sync-free route, read from the objects as they are now."""
-        fused = _is_fused(self.optimizer)
-        if self.config.sync == "lazy" and not fused:
-            raise ValueError(
-                "sync='lazy' needs a fused optimizer, and the optimizer's param groups are not "
-                "fused now (a loaded checkpoint sets 'fused' too); use sync='auto'"
-            )
-        if not fused or self.config.sync == "step":
-            return False
-        if self.scheduler is not None and not has_state(self.scheduler):
-            return False  # the scheduler cannot be put back: decide on the host first
-        amp = self.scaler is not None and self.scaler.is_enabled()
-        return plain or (self.scheduler is None and not amp)
+        return sync_free(self.optimizer, self.scheduler, self.scaler, self.config.sync, plain)
 
     def _params(self) -> list[Tensor]:
         seen: set[int] = set()
@@ -679,9 +649,6 @@ class Guard:
                     seen.add(id(p))
                     out.append(p)
         return out
-
-    def _signature(self) -> tuple[Any, ...]:
-        return tuple(tuple(id(p) for p in g["params"]) for g in self.optimizer.param_groups)
 
     def _name(self, i: int, p: Tensor) -> str:
         name = self._names.get(id(p))
@@ -698,42 +665,15 @@ class Guard:
         unscaled = amp and (plain or not _skip.scaler_unscaled(self.scaler, self.optimizer))
         if unscaled:
             self.scaler.unscale_(self.optimizer)
-        with torch.no_grad():
-            grads = [_dense_view(p) for _, p in live]
-            names = [self._name(i, p) for i, p in live]
-            norms = grad_norms(grads, cfg.norm_type, foreach=cfg.foreach)
-            device = grads[0].device
-            total = norms.total.float()
-            grads_ok = norms.finite
-            loss_ok = (
-                loss_t.isfinite().to(device)
-                if loss_t is not None
-                else torch.ones((), dtype=torch.bool, device=device)
-            )
-            signals = Signals(self.step_count, total, norms.per_tensor, names, grads_ok, loss_t)
-            if self.nonfinite_rule is not None:
-                bad = self.nonfinite_rule.check(signals).flag.to(device)
-            else:
-                bad = ~(grads_ok & loss_ok)
-            # Under AMP, non-finite gradients are the loss scale's overflow, not an incident.
-            amp_overflow = ~grads_ok if amp else torch.zeros_like(grads_ok)
-            nonfinite = (~loss_ok | (bad & grads_ok)) if amp else bad
-            detections = [d.check(signals) for d in self.detectors]
-            # The model as params: AGC clips relative to its weights and excludes by module name.
-            clip = self.policy.clip_(
-                grads, norms, self.model, norm_type=cfg.norm_type, foreach=cfg.foreach
-            )
-            quiet = ~amp_overflow  # a loss-scale overflow is no spike
-            flags = self.responder.flags(
-                clip.clipped,
-                amp_overflow,
-                nonfinite,
-                [d.flag.to(device) & quiet for d in detections],
-            )
-            _distributed.agree_(flags, self.process_group)
-            skip = self.responder.skip(flags)
-            accepted = ~skip & grads_ok & loss_ok
-        host, event = self._to_host(flags)
+        names = [self._name(i, p) for i, p in live]
+        m = measure(
+            [_dense_view(p) for _, p in live], names, loss_t, step=self.step_count, amp=amp,
+            policy=self.policy, detectors=self.detectors, nonfinite_rule=self.nonfinite_rule,
+            responder=self.responder, model=self.model, norm_type=cfg.norm_type,
+            foreach=cfg.foreach, process_group=self.process_group,
+        )  # fmt: skip
+        host, event = self._to_host(m.flags)
+        total, clip = m.signals.total_norm, m.clip
         lr = self.optimizer.param_groups[0].get("lr") if self.optimizer.param_groups else None
         row: dict[str, Any] = {
             "loss": loss_t,
@@ -744,17 +684,18 @@ class Guard:
             "lr": self.lr_scale.effective(lr.detach().clone() if isinstance(lr, Tensor) else lr),
         }
         if cfg.record_layers and names:
-            per = norms.per_tensor
+            per = m.norms.per_tensor
             same = all(n.device == per[0].device for n in per)
             # One stacked tensor per step instead of one queued tensor per layer.
             row["layers"] = Named(names, torch.stack(per)) if same else dict(zip(names, per))
         report = StepReport(
-            self.step_count, self.position, total, clip.total, clip.threshold, grads_ok, self.settle
-        )
+            self.step_count, self.position, total, clip.total, clip.threshold,
+            m.signals.finite, self.settle,
+        )  # fmt: skip
         s = PendingStep(
-            self.step_count, self.position, flags, skip, accepted, host, event, row,
-            [d.score for d in detections], report, lazy, plain, amp_overflow,
-            signals=signals, learn=(norms, clip.learn), unscaled=unscaled and plain,
+            self.step_count, self.position, m.flags, m.skip, m.accepted, host, event, row,
+            m.scores, report, lazy, plain, m.amp_overflow, signals=m.signals,
+            learn=(m.norms, clip.learn), unscaled=unscaled and plain,
         )  # fmt: skip
         report._settle = lambda: self._settle_report(s)
         return s
@@ -785,10 +726,11 @@ class Guard:
     def _decide(self, s: PendingStep) -> Verdict:
         assert s.bits is not None
         s.saved_counters = dataclasses.replace(self.counters)
-        s.saved_scale, s.saved_streak_start = self.lr_scale.scale, self.streak_start
+        rb = self.rollbacks
+        s.saved_scale, s.saved_streak_start = self.lr_scale.scale, rb.streak_start
         if any(s.bits[2:]) and self.counters.streak == 0:
-            self.streak_start = s.position
-        v = self.responder.decide(s.bits, self.snapshots.has(self.streak_start))
+            rb.streak_start = s.position
+        v = self.responder.decide(s.bits, rb.store.has(rb.streak_start))
         s.verdict = s.report.verdict = v
         return v
 
@@ -840,14 +782,7 @@ class Guard:
         self.stage = Stage.DROPPED
         if not plain:
             self._noop_framework_step()
-        nan = torch.full((), math.nan)
-        verdict = Verdict(
-            "rollback", reason="rolled back to a snapshot; this batch was computed before it"
-        )
-        one = torch.ones((), dtype=torch.bool)
-        return StepReport(
-            self.step_count, self.position, nan, nan, nan, one, lambda: verdict, verdict
-        )
+        return StepReport.dropped(self.step_count, self.position)
 
     def _undo_arming(self) -> None:
         for undo in self._disarm:
@@ -861,7 +796,8 @@ class Guard:
         if s is not None:
             if s.saved_counters is not None:
                 self.counters.load_state_dict(s.saved_counters.state_dict())
-                self.lr_scale.scale, self.streak_start = s.saved_scale, s.saved_streak_start
+                self.lr_scale.scale = s.saved_scale
+                self.rollbacks.streak_start = s.saved_streak_start
             if s.unscaled:  # the scaler's unscale_ record must not outlive the step
                 _skip.scaler_update(self.scaler, True, sync=True)
             if self._history and self._history[-1] is s.row:
@@ -890,62 +826,35 @@ class Guard:
         v = s.verdict
         assert v is not None
         if self.incidents is not None and v.action in self.incidents.actions:
-            path = self._write_incident(s, v)
+            path = self.incidents.write(self._bundle_spec(s, v))
             if path is not None:
                 s.extra["bundle"] = str(path)
         s.extra.update(self.responder.carry_out(v, self, s))
         if v.action == "rollback":
-            self._record(s)
+            s.record(self.recorder)
 
     def _conclude(self, s: PendingStep) -> None:
         """A settled step: its records (a rollback's are written when it happens) and hooks."""
         v = s.verdict
         assert v is not None
         if v.action != "rollback":
-            self._record(s)
+            s.record(self.recorder)
         if not v.skipped:
             for hook in list(self._step_hooks):
                 hook(s.report)
 
-    def _record(self, s: PendingStep) -> None:
-        v = s.verdict
-        assert v is not None
-        s.row["action"] = v.action
-        self.recorder.log(s.step, **s.row)
-        if not v.skipped:
-            if v.fired:
-                self.recorder.event(
-                    s.step, "action", action="log", reason=v.reason, signal=v.fired[0]
-                )
-            return
-        if v.signal != AMP:
-            score = s.scores[v.index] if v.index is not None and v.index < len(s.scores) else 1.0
-            self.recorder.event(
-                s.step, "action", action=v.action, reason=v.reason, signal=v.signal,
-                score=score, position=s.position, **{k: x for k, x in s.extra.items()},
-            )  # fmt: skip
-
-    def _write_incident(self, s: PendingStep, v: Verdict) -> Any:
-        """An incident bundle of ``s``, written before its verdict changes any state, with the
-        buffers and RNG state from before the step's forward."""
-        assert self.incidents is not None
-        cfg = {k: getattr(self.config, k) for k in self.config.__dataclass_fields__}
+    def _bundle_spec(self, s: PendingStep, v: Verdict) -> BundleSpec:
+        """What the incident bundle of ``s`` holds: written before its verdict changes any
+        state, with the buffers and RNG state from before the step's forward."""
         amp = self.scaler is not None and self.scaler.is_enabled()
-        return self.incidents.write(
-            BundleSpec(
-                step=s.step, position=s.position, action=v.action, signal=v.signal,
-                reason=v.reason, batch=s.batch,
-                rng=self.buffers.rng if self.buffers.rng is not None else forward_rng_state(),
-                model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                scaler=self.scaler, buffers=self.buffers.before_forward(),
-                history=[
-                    {k: x.as_dict() if isinstance(x, Named) else x for k, x in row.items()}
-                    for row in self._history
-                ],
-                config=cfg,
-                recorded={"loss": s.row["loss"], "grad_norm": s.row["grad_norm"]},
-                amp_dtype=torch.float16 if amp else None,
-            )
+        return BundleSpec(
+            step=s.step, position=s.position, action=v.action, signal=v.signal, reason=v.reason,
+            batch=s.batch, rng=self.buffers.rng or forward_rng_state(), model=self.model,
+            optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+            buffers=self.buffers.before_forward(), history=[plain_row(r) for r in self._history],
+            config={k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
+            recorded={"loss": s.row["loss"], "grad_norm": s.row["grad_norm"]},
+            amp_dtype=torch.float16 if amp else None,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ the shell's responses
@@ -956,7 +865,7 @@ class Guard:
 
     def roll_back(self, s: PendingStep) -> dict[str, Any]:
         """Restore the newest snapshot from before the bad streak, skip the window on replay."""
-        snap = self._agreed(self.streak_start)
+        snap = self._agreed(self.rollbacks.streak_start)
         if snap is None:  # a disk snapshot turned out unreadable and none is left
             self.abort(s)
         if s.unscaled and s is self._pending:
@@ -965,9 +874,7 @@ class Guard:
             s.unscaled = False
         self._undo_arming()
         self._restore(snap, full=False)
-        start = max(0, self.streak_start - self.config.skip_before)
-        end = s.position + self.config.skip_after
-        self.skip_list.add(start, end)
+        start, end = self.rollbacks.window(s.position)
         self.position = self.skip_list.next_allowed(self.position)
         if self._pending is s:
             self._pending = None
@@ -982,12 +889,11 @@ class Guard:
     def abort(self, s: PendingStep) -> NoReturn:
         """Stop training: restore the last snapshot (or leave the pre-streak state), record the
         incident, leave every object usable, raise :class:`GuardAbort`."""
-        c = self.counters
         self._undo_arming()
         if s.unscaled:
             _skip.scaler_update(self.scaler, True, sync=True)
             s.unscaled = False
-        snap = self._agreed(self.streak_start) if self.snapshots.has() else None
+        snap = self._agreed(self.rollbacks.streak_start) if self.snapshots.has() else None
         if snap is not None:
             self._restore(snap, full=False)
             where = f"model and optimizer restored to the snapshot of step {self.step_count}"
@@ -997,50 +903,26 @@ class Guard:
             finite = all(bool(p.isfinite().all()) for p in self._params())
             where = (
                 f"model and optimizer hold the state before the streak began (position "
-                f"{self.streak_start}): the flagged steps were not applied"
+                f"{self.rollbacks.streak_start}): the flagged steps were not applied"
                 + ("" if finite else "; the weights were already non-finite then")
             )
-        incident = {
-            "step": s.step,
-            "position": s.position,
-            "signal": s.verdict.signal if s.verdict else "",
-            "reason": s.verdict.reason if s.verdict else "",
-            "state": where,
-            "skips_in_a_row": c.streak,
-            "skips": c.skips,
-            "rollbacks": c.rollbacks,
-            "backoffs": c.backoffs,
-            "skipped_windows": [list(w) for w in self.skip_list.windows],
-        }
-        self._record(s)
-        flat = {k: v for k, v in incident.items() if k not in ("step", "skipped_windows")}
-        self.recorder.event(s.step, "incident", **flat)
+        error = GuardAbort.of(s, where, self.counters, self.skip_list.windows)
+        s.record(self.recorder)
+        self.recorder.event(s.step, "incident", **error.row())
         self._pending = None
         self.stage = Stage.READY
-        raise GuardAbort(
-            f"gradguard aborted training at step {s.step} (position {s.position}): "
-            f"{incident['reason']}; {where}",
-            incident,
-        )
+        raise error
 
     # ------------------------------------------------------------------ snapshots
 
     def _take_due_snapshot(self) -> None:
         """At the start of a step: the first snapshot, or a new one when the optimizer's
         parameter groups changed (an older snapshot no longer fits the optimizer)."""
-        structure = self._signature()
-        changed = self._structure is not None and structure != self._structure
-        self._structure = structure
-        if not self.config.snapshot_every or (self.snapshots.has() and not changed):
-            return
-        if changed:
-            self.snapshots.clear()
-        c = self.counters
-        # Inside a streak of skips nothing was applied since it began: the state now is the
-        # state at its start, and a rollback must be able to go back there.
-        label = (self.step_count - c.streak, self.streak_start) if c.streak else None
-        self._push_snapshot(*(self._snapshot_at or label or (self.step_count, self.position)))
-        self._snapshot_at = None
+        at = self.rollbacks.due(
+            self.optimizer, self.counters.streak, self.step_count, self.position
+        )
+        if at is not None:
+            self._push_snapshot(*at)
 
     def _push_snapshot(self, step: int, position: int) -> None:
         guard = {**self._snapshot_state(), "step": step, "position": position}
@@ -1074,8 +956,7 @@ class Guard:
             h.load_state_dict(copy.deepcopy(st))
         if full and "counters" in g:
             self.counters.load_state_dict(g["counters"])
-            self.skip_list.load_state_dict(g["skip_list"])
-            self.streak_start = int(g["streak_start"])
+            self.rollbacks.load_state_dict(g)
             self.lr_scale.scale = float(g.get("lr_scale", 1.0))
         self.step_count = int(snap["step"])
         self.position = self.skip_list.next_allowed(int(snap["position"]))
@@ -1090,9 +971,8 @@ class Guard:
             "position": self.position,
             "policy": self.policy.state_dict(),
             "detectors": [d.state_dict() for d in self.detectors],
-            "streak_start": self.streak_start,
+            **self.rollbacks.state_dict(),
             "counters": self.counters.state_dict(),
-            "skip_list": self.skip_list.state_dict(),
             "lr_scale": self.lr_scale.scale,
         }
 
@@ -1125,18 +1005,7 @@ class Guard:
         Raises:
             TypeError, ValueError: not a state of a guard built like this one (nothing changes).
         """
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        need = ["version", "step", "position", "policy", "detectors", "keys", "streak_start"]
-        need += ["counters", "skip_list", "recorder"]
-        missing = [k for k in need if k not in state]
-        if missing:
-            raise ValueError(f"Guard.load_state_dict: state lacks keys {missing}")
-        if int(state["version"]) > STATE_VERSION:
-            raise ValueError(f"guard state version {state['version']} is newer than supported")
-        self.responder.check_layout(state)
-        if len(state["detectors"]) != len(self.detectors):
-            raise ValueError("Guard.load_state_dict: detector count differs")
+        check_state(state, STATE_VERSION, len(self.detectors))
         self.responder.load_state_dict(state)
         self._pending = None
         self._earlier_run = []
@@ -1146,15 +1015,14 @@ class Guard:
             d.load_state_dict(st)
         self.step_count = int(state["step"])
         self.position = int(state["position"])
-        self.streak_start = int(state["streak_start"])
-        self.skip_list.load_state_dict(state["skip_list"])
+        self.rollbacks.load_state_dict(state)
         self.lr_scale.scale = float(state.get("lr_scale", 1.0))
         self.recorder.load_state_dict(state["recorder"])
         self.buffers.fresh = False
         self.snapshots.clear()
         pending = state.get("pending")
-        self._snapshot_at = None
+        self.rollbacks.due_at = None
         if not self.counters.streak and pending is not None and any(pending["bits"][2:]):
-            self._snapshot_at = (int(pending["step"]), int(pending["position"]))  # its streak
+            self.rollbacks.due_at = (int(pending["step"]), int(pending["position"]))  # a streak
         if pending is not None:
             self._pending = PendingStep.from_state(pending, self._finish_pending)

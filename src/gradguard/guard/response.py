@@ -236,6 +236,35 @@ class GuardAbort(RuntimeError):
         super().__init__(message)
         self.incident = incident
 
+    @classmethod
+    def of(
+        cls, step: Any, where: str, c: Counters, windows: Sequence[tuple[int, int]]
+    ) -> GuardAbort:
+        """The abort of a pending step: what fired, the state the run is left in (``where``),
+        the budgets spent and the bad windows."""
+        v = step.verdict
+        incident = {
+            "step": step.step,
+            "position": step.position,
+            "signal": v.signal if v else "",
+            "reason": v.reason if v else "",
+            "state": where,
+            "skips_in_a_row": c.streak,
+            "skips": c.skips,
+            "rollbacks": c.rollbacks,
+            "backoffs": c.backoffs,
+            "skipped_windows": [list(w) for w in windows],
+        }
+        return cls(
+            f"gradguard aborted training at step {step.step} (position {step.position}): "
+            f"{incident['reason']}; {where}",
+            incident,
+        )
+
+    def row(self) -> dict[str, Any]:
+        """The incident as a flat ``"incident"`` record row (no step, no window list)."""
+        return {k: v for k, v in self.incident.items() if k not in ("step", "skipped_windows")}
+
 
 @dataclass
 class Budgets:

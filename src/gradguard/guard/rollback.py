@@ -1,5 +1,5 @@
-"""ROLLBACK bookkeeping: the bad windows of data positions a rollback skips, and a sampler that
-leaves them out.
+"""ROLLBACK bookkeeping: the snapshots a rollback returns to, the bad windows of data positions it
+skips, and a sampler that leaves them out.
 
 A rollback (PaLM, Chowdhery et al. 2022, section 5.1: restart about 100 steps before a spike and
 skip 200-500 batches) restores a snapshot (:mod:`gradguard.core.snapshot`) and then must not feed
@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SkipList", "SkipSampler"]
+from gradguard.core.snapshot import SnapshotStore
+
+__all__ = ["Rollbacks", "SkipList", "SkipSampler"]
 
 
 class SkipList:
@@ -214,3 +216,78 @@ def _key(item: Any) -> Any:
     if isinstance(item, (list, tuple)):
         return tuple(_key(i) if isinstance(i, (list, tuple, Tensor)) else i for i in item)
     return item
+
+
+class Rollbacks:
+    """Where a rollback returns to and what it leaves out: the snapshots, the bad windows, and
+    the position where the current streak of flagged steps began.
+
+    Snapshots are taken from the objects as they are when one is due (read, don't remember):
+    the first at the first step (a checkpoint loaded after the guard was built is in it), a new
+    one whenever the optimizer's parameter groups change (``add_param_group``: an older
+    snapshot no longer fits the optimizer), then every ``every`` steps.
+
+    Args:
+        every: steps between snapshots (0: none).
+        directory, keep: the :class:`~gradguard.core.snapshot.SnapshotStore`'s.
+        skip_before, skip_after: widen a bad window by this many positions on either side.
+
+    Example:
+        >>> rb = Rollbacks(every=100)
+        >>> rb.due(optimizer, streak=0, step=0, position=0)   # the first step: (0, 0)
+        (0, 0)
+    """
+
+    def __init__(
+        self,
+        every: int = 0,
+        directory: Any = None,
+        keep: int = 2,
+        skip_before: int = 0,
+        skip_after: int = 0,
+    ) -> None:
+        self.every = every
+        self.store = SnapshotStore(directory, keep)
+        self.skip_list = SkipList()
+        self.streak_start = 0
+        self.skip_before, self.skip_after = skip_before, skip_after
+        self.due_at: tuple[int, int] | None = None  # what the next snapshot stands for
+        self._structure: tuple[Any, ...] | None = None
+
+    def due(
+        self, optimizer: torch.optim.Optimizer, streak: int, step: int, position: int
+    ) -> tuple[int, int] | None:
+        """The ``(step, position)`` a snapshot taken now stands for, or ``None`` when none is
+        due now (called at the start of each step)."""
+        structure = tuple(tuple(id(p) for p in g["params"]) for g in optimizer.param_groups)
+        changed = self._structure is not None and structure != self._structure
+        self._structure = structure
+        if not self.every or (self.store.has() and not changed):
+            return None
+        if changed:
+            self.store.clear()
+        # Inside a streak of skips nothing was applied since it began: the state now is the
+        # state at its start, and a rollback must be able to go back there.
+        label = self.due_at or ((step - streak, self.streak_start) if streak else (step, position))
+        self.due_at = None
+        return label
+
+    def seen(self, optimizer: torch.optim.Optimizer) -> None:
+        """The snapshots fit the optimizer as it is now (after a resume)."""
+        self._structure = tuple(tuple(id(p) for p in g["params"]) for g in optimizer.param_groups)
+
+    def window(self, position: int) -> tuple[int, int]:
+        """Add the bad window from the streak's start to ``position`` (widened); returns it."""
+        start = max(0, self.streak_start - self.skip_before)
+        end = position + self.skip_after
+        self.skip_list.add(start, end)
+        return start, end
+
+    def state_dict(self) -> dict[str, Any]:
+        """The bad windows and the streak's start (the snapshots are the store's business)."""
+        return {"skip_list": self.skip_list.state_dict(), "streak_start": self.streak_start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s windows and streak start."""
+        self.skip_list.load_state_dict(state["skip_list"])
+        self.streak_start = int(state["streak_start"])

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from gradguard.decide.detect import Signals
-from gradguard.guard.response import Counters, Verdict
+from gradguard.guard.response import AMP, Counters, Verdict
 from gradguard.guard.skip import GroupState
+from gradguard.records.recorder import Named, Recorder
 from gradguard.records.recorder import _gather as gather
 
 __all__ = ["PendingStep", "Phase", "Stage", "StepReport"]
@@ -86,6 +87,15 @@ class StepReport:
         self.finite = finite
         self._settle = settle
         self.verdict = verdict
+
+    @classmethod
+    def dropped(cls, step: int, position: int) -> StepReport:
+        """The report of a batch computed before a rollback: it is not applied."""
+        v = Verdict(
+            "rollback", reason="rolled back to a snapshot; this batch was computed before it"
+        )
+        nan, one = torch.full((), math.nan), torch.ones((), dtype=torch.bool)
+        return cls(step, position, nan, nan, nan, one, lambda: v, v)
 
     def _ensure(self) -> Verdict:
         if self.verdict is None:
@@ -177,6 +187,26 @@ class PendingStep:
     saved_streak_start: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # the action record's extra entries
 
+    def record(self, recorder: Recorder) -> None:
+        """Log this step's row and, for a response, its action row (flushed at once)."""
+        v = self.verdict
+        assert v is not None
+        self.row["action"] = v.action
+        recorder.log(self.step, **self.row)
+        if not v.skipped:
+            if v.fired:
+                recorder.event(
+                    self.step, "action", action="log", reason=v.reason, signal=v.fired[0]
+                )
+            return
+        if v.signal != AMP:
+            i = v.index
+            score = self.scores[i] if i is not None and i < len(self.scores) else 1.0
+            recorder.event(
+                self.step, "action", action=v.action, reason=v.reason, signal=v.signal,
+                score=score, position=self.position, **self.extra,
+            )  # fmt: skip
+
     def to_state(self) -> dict[str, Any] | None:
         """A read step whose verdict is not carried out yet, as plain values (a checkpoint
         taken between the read and the act keeps it for the loaded guard)."""
@@ -225,3 +255,8 @@ def read_bits(host: Tensor, event: Any) -> list[bool]:
         event.synchronize()
     # The bytes are in host memory: reading the storage does not touch the device.
     return [b != 0 for b in host.untyped_storage().tolist()[: host.numel()]]
+
+
+def plain_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A step row with its stacked per-layer norms as ``{name: tensor}`` (for a bundle)."""
+    return {k: v.as_dict() if isinstance(v, Named) else v for k, v in row.items()}
