@@ -117,7 +117,7 @@ def run(quick: bool) -> str:
             "",
             markdown_table(["recorder", "steps", "growth MiB", "rows in memory", "goal", ""], rows),
             "",
-            f"Growth after {first[0]:,} steps (the window filled): "
+            f"At step {first[0]:,} (the window full since step {WINDOW:,}): "
             f"{first[1] / MiB:.3f} MiB; from there to step {steps:,}: {steady:+.3f} MiB. "
             f"Keeping every row costs {per_step_unbounded / 1024:.2f} KiB per step here, "
             f"{per_step_unbounded * 1e6 / MiB:,.0f} MiB per million steps.",
