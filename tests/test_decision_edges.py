@@ -1,0 +1,265 @@
+"""The decision core at its edges, with hand-computed examples: the bootstrap rule of the spike
+detector, what ZScoreClip learns (and does not learn) from a step, the replay's culprit rule,
+which snapshot a rollback returns to and what the incident bundle of a rollback holds.
+
+Each test pins one rule at the value where a plausible wrong version of it would decide
+otherwise (``make mutate`` found these rules unguarded by the module's own tests)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradguard import Budgets, Guard, GuardConfig, load_bundle
+from gradguard.core.norms import GradNorms
+from gradguard.decide.detect import Signals, SpikeDetector
+from gradguard.decide.policies import ZScoreClip
+from gradguard.insight.replay import _suspects
+
+YES, NO = torch.tensor(True), torch.tensor(False)
+
+
+def signals(loss: float) -> Signals:
+    total = torch.tensor(1.0)
+    return Signals(0, total, [total], ["w"], total.isfinite(), torch.tensor(loss))
+
+
+def accept(det: SpikeDetector, *losses: float, accepted: torch.Tensor = YES) -> None:
+    for loss in losses:
+        s = signals(loss)
+        det.check(s)
+        det.update(s, accepted)
+
+
+# ----------------------------------------------------------------- the spike detector's bootstrap
+
+
+@pytest.mark.parametrize("log", [True, False])
+@pytest.mark.parametrize(("loss", "flagged"), [(11.0, True), (9.0, False)])
+def test_bootstrap_flags_a_loss_over_ratio_times_the_largest_accepted_one(log, loss, flagged):
+    det = SpikeDetector("loss", bootstrap=10.0, log=log)
+    accept(det, 1.0, 1.0)
+    assert bool(det.check(signals(loss)).flag) is flagged
+
+
+@pytest.mark.parametrize("log", [True, False])
+def test_bootstrap_score_reaches_z_where_the_ratio_is_reached(log):
+    det = SpikeDetector("loss", bootstrap=10.0, log=log, z=6.0)
+    accept(det, 2.0, 1.0)
+    assert float(det.check(signals(20.0)).score) == pytest.approx(6.0, rel=1e-5)
+    assert float(det.check(signals(40.0)).score) > 6.0
+
+
+@pytest.mark.parametrize("log", [True, False])
+def test_bootstrap_compares_with_the_largest_accepted_loss_not_a_typical_one(log):
+    # Median 3, mean 3, max 5: 45 is 15x the middle of the history but under 10x its top.
+    det = SpikeDetector("loss", bootstrap=10.0, log=log)
+    accept(det, 1.0, 5.0)
+    assert not bool(det.check(signals(45.0)).flag)
+    assert bool(det.check(signals(55.0)).flag)
+
+
+def test_bootstrap_needs_two_accepted_losses():
+    det = SpikeDetector("loss", bootstrap=10.0)
+    accept(det, 1.0)
+    assert not bool(det.check(signals(1e6)).flag)
+    accept(det, 1.0, accepted=NO)  # a rejected loss is not history
+    assert not bool(det.check(signals(1e6)).flag)
+    accept(det, 1.0)
+    assert bool(det.check(signals(1e6)).flag)
+
+
+def test_without_bootstrap_nothing_is_flagged_during_warmup():
+    det = SpikeDetector("loss", window=8)  # warm-up: 4 values
+    accept(det, 1.0, 1.0, 1.0)
+    assert not bool(det.check(signals(1e6)).flag)
+    assert float(det.check(signals(1e6)).score) == 0.0
+    accept(det, 1.0)
+    assert bool(det.check(signals(1e6)).flag)
+
+
+# ----------------------------------------------------------------- what ZScoreClip learns
+
+
+def norms(g: float) -> GradNorms:
+    t = torch.tensor(g, dtype=torch.float64)
+    return GradNorms([t], t, t.isfinite())
+
+
+def step(policy: ZScoreClip, g: float, accepted: torch.Tensor = YES) -> torch.Tensor:
+    n = norms(g)
+    limit = policy.threshold(n)
+    policy.update(n, torch.minimum(n.total, limit), accepted)
+    return limit
+
+
+def stats(policy: ZScoreClip) -> tuple[int, float, float]:
+    st = policy.state_dict()["state"]
+    return int(st["count"]), float(st["mean"]), float(st["var"])
+
+
+def test_zscore_clip_warmup_learns_the_mean_and_population_variance():
+    policy = ZScoreClip(warmup=3)
+    for g in (1.0, 2.0, 6.0):
+        step(policy, g)
+    count, mean, var = stats(policy)
+    assert count == 3
+    assert mean == pytest.approx(3.0, rel=1e-12)
+    assert var == pytest.approx(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 3, rel=1e-12)
+
+
+def test_zscore_clip_after_warmup_learns_an_ema_of_the_norm():
+    policy = ZScoreClip(warmup=3, alpha=0.9)
+    for g in (1.0, 2.0, 3.0):
+        step(policy, g)
+    _, mean0, var0 = stats(policy)  # 2 and 2/3
+    step(policy, 2.5)  # z = 0.61 < 2.5: not clipped, learned as is
+    count, mean, var = stats(policy)
+    assert count == 4
+    assert mean == pytest.approx(0.9 * mean0 + 0.1 * 2.5, rel=1e-12)
+    assert var == pytest.approx(0.9 * var0 + 0.1 * (2.5 - mean) ** 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "zscore", "mean"])
+def test_zscore_clip_learns_the_threshold_in_force_on_a_clipped_step(mode):
+    policy = ZScoreClip(warmup=3, alpha=0.9, mode=mode)
+    for g in (1.0, 2.0, 3.0):
+        step(policy, g)
+    _, mean0, var0 = stats(policy)
+    std0 = math.sqrt(var0)
+    z = (100.0 - mean0) / (std0 + 1e-6)
+    expected = {
+        "adaptive": mean0 + 2.5**2 * std0 / z,
+        "zscore": mean0 + 2.5 * std0,
+        "mean": mean0,
+    }[mode]
+    limit = float(step(policy, 100.0))
+    assert limit == pytest.approx(expected, rel=1e-9)
+    assert stats(policy)[1] == pytest.approx(0.9 * mean0 + 0.1 * expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_zscore_clip_does_not_learn_from_a_rejected_step(warm):
+    policy = ZScoreClip(warmup=3)
+    for g in (1.0, 2.0, 3.0) if warm else (1.0, 2.0):
+        step(policy, g)
+    before = stats(policy)
+    step(policy, 50.0, accepted=NO)
+    assert stats(policy) == before
+    step(policy, 2.5)  # the same step accepted is learned: the test above can fail
+    assert stats(policy) != before
+
+
+def test_zscore_clip_does_not_learn_a_nonfinite_norm():
+    policy = ZScoreClip(warmup=2, max_norm=10.0)
+    step(policy, 1.0)
+    before = stats(policy)
+    step(policy, math.inf)  # min(inf, max_norm) is finite: the raw norm decides
+    assert stats(policy) == before
+
+
+def test_zscore_clip_threshold_is_max_norm_during_warmup_and_caps_it_after():
+    policy = ZScoreClip(warmup=2, max_norm=0.5, mode="zscore")
+    assert float(step(policy, 1.0)) == 0.5
+    assert float(step(policy, 1.0)) == 0.5
+    assert float(step(policy, 1.0)) == 0.5  # mean + z * std = 0.5 + 0: the cap is the same
+    assert float(ZScoreClip(warmup=1).threshold(norms(3.0))) == math.inf
+
+
+# ----------------------------------------------------------------- the replay's culprit rule
+
+
+def rows(grad_norms: list[float], losses: list[float] | None = None) -> list[dict[str, float]]:
+    losses = losses or [1.0] * len(grad_norms)
+    return [
+        {"row": i, "loss": loss, "grad_norm": g}
+        for i, (g, loss) in enumerate(zip(grad_norms, losses))
+    ]
+
+
+def test_a_row_above_the_median_but_under_factor_times_it_is_no_suspect():
+    # median 1: row 5 is 3x it (above the median, under factor 10), row 6 is 50x.
+    assert _suspects(rows([1, 1, 1, 1, 1, 3, 50]), [], factor=10.0) == [6]
+    assert _suspects(rows([1, 1, 1, 1, 1, 3, 9.9]), [], factor=10.0) == []
+    assert _suspects(rows([1, 1, 1, 1, 1, 3, 9.9]), [], factor=2.0) == [6, 5]
+
+
+def test_suspects_by_loss_too_and_nonfinite_rows_first():
+    table = rows([1, 1, 1, 1, 20], losses=[1, 1, 40, 1, 1])
+    assert _suspects(table, [], factor=10.0) == [2, 4]  # worst first
+    assert _suspects(table, [3], factor=10.0) == [3, 2, 4]
+    table[0]["grad_norm"] = math.nan
+    assert _suspects(table, [], factor=10.0) == [0, 2, 4]
+
+
+# ----------------------------------------------------------------- rollbacks and their bundles
+
+
+def _run(
+    poisoned: set[int], steps: int, cfg: GuardConfig
+) -> tuple[Guard, nn.Module, list[dict[str, torch.Tensor]]]:
+    """A guarded SGD run; returns the weights as they were before each step's guard call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = Guard(model, opt, config=cfg)
+    gen = torch.Generator().manual_seed(1)
+    before = []
+    for i in range(steps):
+        x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 1, generator=gen)
+        if i in poisoned:
+            x = x * math.nan
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        before.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        guard.step(loss, batch=(x, y))
+        opt.zero_grad(set_to_none=True)
+    return guard, model, before
+
+
+def _action(guard: Guard, action: str) -> dict:
+    return next(r for r in guard.records if r["kind"] == "action" and r["action"] == action)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rollback_returns_to_the_newest_snapshot_from_before_the_streak():
+    # Snapshots at steps 0, 2, 4 and 6; the streak begins at 5, so the one of step 6 (taken
+    # inside the streak) is newer than its start and step 4's is the one to return to.
+    cfg = GuardConfig(detectors=[], snapshot_every=2, keep_snapshots=3, budgets=Budgets(skip=2))
+    guard, model, before = _run({5, 6, 7}, 8, cfg)
+    rollback = _action(guard, "rollback")
+    assert (rollback["step"], rollback["restored_step"]) == (7, 4)
+    assert (rollback["skip_start"], rollback["skip_end"]) == (5, 7)
+    assert _same(model.state_dict(), before[4])  # step 4's update is undone, to be replayed
+    assert not _same(before[4], before[5])
+
+
+def test_a_rollback_bundle_holds_the_state_the_streak_left_and_the_step_that_rolled_back(
+    tmp_path: Path,
+):
+    cfg = GuardConfig(
+        detectors=[],
+        snapshot_every=4,
+        budgets=Budgets(skip=1),
+        incident_dir=str(tmp_path),
+    )
+    guard, model, before = _run({6, 7}, 8, cfg)
+    rollback = _action(guard, "rollback")
+    bundle = load_bundle(rollback["bundle"])
+    assert (bundle.step, bundle.position, bundle.action) == (7, 7, "rollback")
+    assert bundle.signal == "nonfinite"
+    # Before the rollback: the weights step 7 started from (step 6 was skipped), not the
+    # snapshot of step 4 that the rollback restored.
+    assert _same(bundle.snapshot["model"], before[7])
+    assert _same(model.state_dict(), before[4])
+    assert not _same(before[7], before[4])
+    assert math.isnan(bundle.recorded["loss"])
+    skip = load_bundle(_action(guard, "skip")["bundle"])
+    assert (skip.step, skip.action) == (6, "skip")
