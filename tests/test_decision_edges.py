@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,10 @@ from gradguard import Budgets, Guard, GuardConfig, load_bundle
 from gradguard.core.norms import GradNorms
 from gradguard.decide.detect import Signals, SpikeDetector
 from gradguard.decide.policies import ZScoreClip
+from gradguard.guard.incident import IncidentWriter
+from gradguard.guard.response import Counters, GuardAbort, Responder, Verdict
+from gradguard.guard.rollback import Rollbacks, SkipList, SkipSampler
+from gradguard.guard.skip import GroupState, OptimizerKeeper, scaler_update
 from gradguard.insight.replay import _suspects
 
 YES, NO = torch.tensor(True), torch.tensor(False)
@@ -263,3 +268,189 @@ def test_a_rollback_bundle_holds_the_state_the_streak_left_and_the_step_that_rol
     assert math.isnan(bundle.recorded["loss"])
     skip = load_bundle(_action(guard, "skip")["bundle"])
     assert (skip.step, skip.action) == (6, "skip")
+
+
+# ----------------------------------------------------------------- the response ladder's budgets
+
+
+def _ladder(**budgets: int) -> Responder:
+    return Responder([], {}, ("skip", "rollback", "abort"), Budgets(**budgets), 0.5)
+
+
+def _bad_step(r: Responder, can_rollback: bool = True) -> str:
+    return r.decide([False, False, True], can_rollback).action  # bits: clipped, amp, nonfinite
+
+
+def test_the_rollback_budget_counts_every_rollback_of_the_run():
+    r = _ladder(skip=1, rollback=2)
+    seen = [_bad_step(r) for _ in range(6)]
+    assert seen == ["skip", "rollback", "skip", "rollback", "skip", "abort"]
+    assert (r.counters.rollbacks, r.counters.streak) == (2, 1)
+
+
+def test_a_rollback_starts_a_new_streak_and_needs_a_snapshot():
+    r = _ladder(skip=2, rollback=5)
+    assert [_bad_step(r) for _ in range(3)] == ["skip", "skip", "rollback"]
+    assert r.counters.streak == 0
+    assert [_bad_step(r) for _ in range(2)] == ["skip", "skip"]
+    assert _bad_step(r, can_rollback=False) == "abort"
+
+
+def test_a_logged_signal_does_not_skip_on_the_device():
+    r = Responder([SpikeDetector("loss")], {"spike": ("log",)}, ("skip",), Budgets(), 0.5)
+    assert r.keys == ["amp_overflow", "nonfinite", "spike:loss"]
+    assert not r.skips_on_device([False, False, False, True])
+    assert r.skips_on_device([False, False, True, False])
+    assert not Responder.skipped_bits([True, False], [0.0, 1.0])
+
+
+def test_an_abort_reports_the_budgets_spent_and_the_windows():
+    c = Counters(streak=3, skips=7, backoffs=1, rollbacks=2)
+    verdict = Verdict("abort", "nonfinite", "nonfinite: budgets spent")
+    pending = SimpleNamespace(step=12, position=15, verdict=verdict)
+    err = GuardAbort.of(pending, "restored", c, [(4, 6), (9, 11)])
+    assert err.incident == {
+        "step": 12,
+        "position": 15,
+        "signal": "nonfinite",
+        "reason": "nonfinite: budgets spent",
+        "state": "restored",
+        "skips_in_a_row": 3,
+        "skips": 7,
+        "rollbacks": 2,
+        "backoffs": 1,
+        "skipped_windows": [[4, 6], [9, 11]],
+    }
+    assert "step 12 (position 15)" in str(err) and "restored" in str(err)
+    assert "step" not in err.row() and "skipped_windows" not in err.row()
+    assert err.row()["position"] == 15
+    bare = GuardAbort.of(SimpleNamespace(step=1, position=1, verdict=None), "x", c, [])
+    assert (bare.incident["signal"], bare.incident["reason"]) == ("", "")
+
+
+# ----------------------------------------------------------------- bad windows and snapshots
+
+
+def test_skip_windows_merge_when_they_touch_and_stay_apart_otherwise():
+    s = SkipList()
+    s.add(0, 2)
+    s.add(3, 5)  # adjacent: one window
+    s.add(7, 8)  # a gap of one position: two windows
+    assert s.windows == [(0, 5), (7, 8)]
+    assert [s.next_allowed(p) for p in (0, 5, 6, 7)] == [6, 6, 6, 9]
+
+
+def test_a_bad_window_is_widened_by_skip_before_and_skip_after():
+    rb = Rollbacks(skip_before=2, skip_after=1)
+    rb.streak_start = 5
+    assert rb.window(7) == (3, 8)
+    rb.streak_start = 1
+    assert rb.window(2) == (0, 3)  # never before position 0
+    assert rb.skip_list.windows == [(0, 8)]
+    state = rb.state_dict()
+    back = Rollbacks()
+    back.load_state_dict(state)
+    assert (back.streak_start, back.skip_list.windows) == (1, [(0, 8)])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"per_step": 0}, {"per_step": True}, {"start": -1}, {"start": True}, {"start": 1.0}],
+)
+def test_a_skip_sampler_refuses_a_bad_count(kwargs):
+    with pytest.raises(ValueError):
+        SkipSampler(range(4), lambda p: False, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["position", "drop"])
+def test_a_skip_sampler_refuses_a_hook_that_is_not_callable(name):
+    with pytest.raises(TypeError):
+        SkipSampler(range(4), lambda p: False, **{name: 3})
+    SkipSampler(range(4), lambda p: False, **{name: lambda: 0})
+
+
+def test_a_skip_sampler_counts_from_its_start_and_has_the_samplers_length():
+    s = SkipSampler(range(8), lambda p: p in (2, 3), per_step=2, start=1)
+    assert s.count == 2
+    assert list(s) == [0, 1, 6, 7]  # items in pairs at positions 1, 2, 3, 4; 2 and 3 skipped
+    assert len(s) == 8
+    with pytest.raises(TypeError):
+        len(SkipSampler(iter(range(3)), lambda p: False))
+    back = SkipSampler(range(8), lambda p: False)
+    back.load_state_dict(s.state_dict())
+    assert (back.count, back.per_step) == (s.count, 2)
+
+
+# ----------------------------------------------------------------- incident writer state
+
+
+def test_an_incident_writer_state_round_trips_and_refuses_bad_counts(tmp_path: Path):
+    w = IncidentWriter(tmp_path)
+    w.load_state_dict({"written": [str(tmp_path / "a.pt")], "dropped": 0})
+    assert (w.written, w.dropped) == ([tmp_path / "a.pt"], 0)
+    assert w.state_dict() == {"written": [str(tmp_path / "a.pt")], "dropped": 0}
+    for bad in (
+        {"written": "a.pt", "dropped": 0},
+        {"written": [1], "dropped": 0},
+        {"written": [], "dropped": -1},
+        {"written": [], "dropped": True},
+        {"written": [], "dropped": 1.0},
+    ):
+        with pytest.raises(ValueError):
+            w.load_state_dict(bad)
+    assert (w.written, w.dropped) == ([tmp_path / "a.pt"], 0)
+
+
+# ----------------------------------------------------------------- what a skip puts back
+
+
+def test_an_optimizer_keeper_puts_back_state_the_step_changed_in_place():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+    keeper = OptimizerKeeper(opt, list(model.parameters()))
+    before = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    weights = model.weight.detach().clone()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()  # Adam updates exp_avg and exp_avg_sq in place
+    keeper.restore(opt)
+    assert all(torch.equal(opt.state[model.weight][k], v) for k, v in before.items())
+    assert torch.equal(model.weight, weights)
+
+
+def test_group_state_leaves_the_scheduler_alone_when_none_is_given():
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    kept = GroupState(opt, sched)
+    opt.step()
+    sched.step()
+    kept.restore(opt, None)  # the hyperparameters only
+    assert opt.param_groups[0]["lr"] == 1.0 and sched.last_epoch == 1
+    kept.restore(opt, sched)
+    assert sched.last_epoch == 0
+
+
+def _scaled_step() -> tuple[torch.amp.GradScaler, torch.optim.Optimizer]:
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1)
+    scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+    scaler.unscale_(opt)
+    return scaler, opt
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("skipped", [False, True])
+def test_a_skipped_step_does_not_grow_the_loss_scale(on_device, skipped):
+    scaler, _ = _scaled_step()
+    flag = torch.tensor(skipped) if on_device else skipped
+    scaler_update(scaler, flag, sync=not on_device)
+    # growth_interval 1: one finite step the guard applied doubles the scale.
+    assert scaler.get_scale() == (256.0 if skipped else 512.0)
+    assert int(scaler._growth_tracker) == 0
+    with pytest.raises(ValueError):
+        scaler_update(_scaled_step()[0], torch.tensor(True), sync=True)
