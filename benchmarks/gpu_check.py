@@ -42,14 +42,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "src") not in sys.path:  # run as a script: make `src/` importable
-    sys.path.insert(0, str(ROOT / "src"))
+for _path in (ROOT / "src", ROOT):  # run as a script: make `src/` and `benchmarks` importable
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import gradguard as gg  # noqa: E402
-from gradguard.app.lab.models import TinyLM  # noqa: E402
+from benchmarks.models import GPT  # noqa: E402
 
 NO_CUDA = "gpu_check: CUDA not available, so nothing was checked (run it on a CUDA GPU)."
 VOCAB, T, B = 256, 64, 8
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # a busy machine's descheduled worker threads stall every op
     sizes = Sizes("smoke" if args.dry_run_cpu else "quick" if args.quick else "full")
     torch.manual_seed(0)
-    base = TinyLM(vocab=VOCAB, heads=4, context=T, seed=0, **sizes.model).to(device)
+    base = GPT(vocab=VOCAB, heads=4, context=T, **sizes.model).to(device)
     one_sync = 1 if device == "cuda" else 0
     self_test = count_syncs(lambda: torch.ones(1, device=device).item())
     report: dict[str, Any] = {

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import Guard
-from gradguard.app.lab.models import TinyLM
 
 VARIANTS = ("plain", "torch clip", "guard")
 
@@ -38,6 +37,43 @@ def mlp(width: int, depth: int = 20, inputs: int = 16) -> nn.Module:
         layers += [nn.Linear(width, width), nn.ReLU()]
     layers.append(nn.Linear(width, 1))
     return nn.Sequential(*layers)
+
+
+class _Block(nn.Module):
+    """A pre-norm GPT block: causal self-attention (SDPA) and a 4x MLP, both residual."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        a = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """A small causal language model (nanoGPT's shape): tokens -> next-token logits."""
+
+    def __init__(self, vocab: int, dim: int, heads: int, layers: int, context: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(context, dim) * 0.02)
+        self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        return self.out(self.norm(self.blocks(h)))
 
 
 class _Basic(nn.Module):
@@ -151,7 +187,7 @@ def cases() -> list[Case]:
         return torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
 
     def gpt() -> nn.Module:
-        return TinyLM(vocab=256, dim=128, heads=4, layers=4, context=64, seed=0)
+        return GPT(vocab=256, dim=128, heads=4, layers=4, context=64)
 
     return [
         Case("mlp256", "20-layer MLP (width 256, batch 64), SGD momentum", lambda: mlp(256), sgd,
