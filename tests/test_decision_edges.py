@@ -17,8 +17,20 @@ from torch import nn
 
 from gradguard import Budgets, Guard, GuardConfig, load_bundle
 from gradguard.core.norms import GradNorms
-from gradguard.decide.detect import Signals, SpikeDetector
-from gradguard.decide.policies import ZScoreClip
+from gradguard.decide.detect import (
+    RatioSpikeDetector,
+    Signals,
+    SpikeDetector,
+    UpdateRatioDetector,
+    VanishingDetector,
+)
+from gradguard.decide.policies import (
+    AGCPolicy,
+    EMARatioClip,
+    FixedThreshold,
+    QuantileClip,
+    ZScoreClip,
+)
 from gradguard.guard.incident import IncidentWriter
 from gradguard.guard.response import Counters, GuardAbort, Responder, Verdict
 from gradguard.guard.rollback import Rollbacks, SkipList, SkipSampler
@@ -454,3 +466,68 @@ def test_a_skipped_step_does_not_grow_the_loss_scale(on_device, skipped):
     assert int(scaler._growth_tracker) == 0
     with pytest.raises(ValueError):
         scaler_update(_scaled_step()[0], torch.tensor(True), sync=True)
+
+
+# ----------------------------------------------------------------- documented defaults and ranges
+
+DOCUMENTED_DEFAULTS = [
+    (FixedThreshold, {"max_norm": 1.0}),
+    (QuantileClip, {"quantile": 0.9, "history": 1000, "warmup": 25, "max_norm": None}),
+    (ZScoreClip, {"alpha": 0.97, "z_thresh": 2.5, "warmup": 25, "mode": "adaptive"}),
+    (ZScoreClip, {"max_norm": None, "eps": 1e-6}),
+    (EMARatioClip, {"ratio": 1.05, "beta": 0.98, "warmup": 100, "max_norm": 1.0}),
+    (AGCPolicy, {"clip_factor": 0.01, "eps": 1e-3}),
+    (SpikeDetector, {"signal": "loss", "window": 128, "z": 6.0, "warmup": 64, "log": True}),
+    (SpikeDetector, {"min_std": 1e-3, "bootstrap": None}),
+    (RatioSpikeDetector, {"ratio": 10.0, "window": 128, "patience": 1}),
+    (VanishingDetector, {"floor": 1e-3, "patience": 10}),
+    (UpdateRatioDetector, {"max_ratio": 0.1, "include_1d": False, "eps": 1e-12}),
+]
+
+
+@pytest.mark.parametrize(("cls", "expected"), DOCUMENTED_DEFAULTS)
+def test_policies_and_detectors_default_to_what_their_docstrings_say(cls, expected):
+    config = cls().state_dict()
+    assert {k: config[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("make", "ok"),
+    [
+        (lambda: EMARatioClip(beta=1.0), False),  # the EMA would never move
+        (lambda: EMARatioClip(beta=0.0), True),
+        (lambda: EMARatioClip(ratio=0.0), False),
+        (lambda: ZScoreClip(alpha=1.0), False),
+        (lambda: ZScoreClip(alpha=0.0), True),
+        (lambda: ZScoreClip(z_thresh=0.0), False),
+        (lambda: AGCPolicy(eps=0.0), False),  # a zero-norm weight would freeze
+        (lambda: AGCPolicy(clip_factor=0.0), False),
+    ],
+)
+def test_policy_arguments_at_the_edge_of_their_range(make, ok):
+    if ok:
+        make()
+    else:
+        with pytest.raises(ValueError):
+            make()
+
+
+def _ema_step(policy: EMARatioClip, per: list[float], accepted: torch.Tensor) -> None:
+    grads = [torch.tensor(v) for v in per]
+    n = GradNorms(grads, torch.linalg.vector_norm(torch.stack(grads)), YES)
+    limits = policy.threshold(n)
+    policy.update(n, [torch.minimum(g, lim) for g, lim in zip(grads, limits)], accepted)
+
+
+def test_ema_ratio_clip_does_not_learn_from_a_rejected_step():
+    policy = EMARatioClip(warmup=0, max_norm=None)
+    for _ in range(2):
+        _ema_step(policy, [1.0, 2.0], YES)
+    before = {k: v.clone() for k, v in policy.state_dict()["state"].items()}
+    assert before["gamma"].isfinite().all() and int(before["count"]) == 2
+    _ema_step(policy, [1.5, 3.0], NO)
+    after = policy.state_dict()["state"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    _ema_step(policy, [1.5, 3.0], YES)
+    after = policy.state_dict()["state"]
+    assert int(after["count"]) == 3 and not torch.equal(before["gamma"], after["gamma"])
