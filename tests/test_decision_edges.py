@@ -34,7 +34,7 @@ from gradguard.decide.policies import (
 from gradguard.guard.incident import IncidentWriter
 from gradguard.guard.response import Counters, GuardAbort, Responder, Verdict
 from gradguard.guard.rollback import Rollbacks, SkipList, SkipSampler
-from gradguard.guard.skip import GroupState, OptimizerKeeper, scaler_update
+from gradguard.guard.skip import GroupState, OptimizerKeeper, scaler_unscaled, scaler_update
 from gradguard.insight.replay import _suspects
 
 YES, NO = torch.tensor(True), torch.tensor(False)
@@ -531,3 +531,12 @@ def test_ema_ratio_clip_does_not_learn_from_a_rejected_step():
     _ema_step(policy, [1.5, 3.0], YES)
     after = policy.state_dict()["state"]
     assert int(after["count"]) == 3 and not torch.equal(before["gamma"], after["gamma"])
+
+
+def test_scaler_unscaled_tells_whether_this_step_was_unscaled_already():
+    scaler, opt = _scaled_step()
+    assert scaler_unscaled(scaler, opt)
+    assert not scaler_unscaled(scaler, torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1))
+    scaler.update()
+    assert not scaler_unscaled(scaler, opt)
+    assert not scaler_unscaled(torch.amp.GradScaler("cpu"), opt)
