@@ -540,3 +540,13 @@ def test_scaler_unscaled_tells_whether_this_step_was_unscaled_already():
     scaler.update()
     assert not scaler_unscaled(scaler, opt)
     assert not scaler_unscaled(torch.amp.GradScaler("cpu"), opt)
+
+
+def test_quantile_clip_does_not_learn_from_a_rejected_step():
+    policy = QuantileClip(warmup=1, history=4)
+    for g, accepted in ((1.0, YES), (2.0, YES), (50.0, NO)):
+        n = norms(g)
+        policy.update(n, torch.minimum(n.total, policy.threshold(n)), accepted)
+    st = policy.state_dict()["state"]
+    assert int(st["count"]) == 2
+    assert sorted(v for v in st["buffer"].tolist() if not math.isnan(v)) == [1.0, 2.0]
