@@ -61,7 +61,7 @@ def measured_at(root: Path, paths: list[str]) -> str:
 
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return out.stdout.strip()
+        return out.stdout.rstrip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--", *paths).splitlines()
