@@ -397,7 +397,9 @@ class Guard:
     def snapshot(self) -> None:
         """Take a snapshot now (settling the pending step first: one host sync)."""
         self._finish_pending()
-        self._push_snapshot(self.step_count, self.position)
+        self._push_snapshot(
+            *self.rollbacks.label(self.counters.streak, self.step_count, self.position)
+        )
 
     def resume(self, snapshot: dict[str, Any] | str | Any = None) -> int:
         """Continue a run that stopped (a crash, a kill): restore everything from a snapshot.

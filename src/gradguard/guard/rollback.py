@@ -266,11 +266,15 @@ class Rollbacks:
             return None
         if changed:
             self.store.clear()
-        # Inside a streak of skips nothing was applied since it began: the state now is the
-        # state at its start, and a rollback must be able to go back there.
-        label = self.due_at or ((step - streak, self.streak_start) if streak else (step, position))
+        label = self.due_at or self.label(streak, step, position)
         self.due_at = None
         return label
+
+    def label(self, streak: int, step: int, position: int) -> tuple[int, int]:
+        """The ``(step, position)`` a snapshot taken now stands for. Inside a streak of skipped
+        steps nothing was applied since it began: the state now is the state at its start, and
+        a snapshot taken now is one a rollback of that streak may return to."""
+        return (step - streak, self.streak_start) if streak else (step, position)
 
     def seen(self, optimizer: torch.optim.Optimizer) -> None:
         """The snapshots fit the optimizer as it is now (after a resume)."""
