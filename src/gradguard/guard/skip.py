@@ -147,7 +147,7 @@ class BufferKeeper:
         live = self._live() if self.buffers else []
         if live:
             with torch.no_grad():
-                torch._foreach_copy_(self._kept, [b.detach() for b in live])
+                torch._foreach_copy_(self._kept, live)
         self.fresh = True
 
     def keep_(self) -> None:
@@ -191,7 +191,7 @@ class BufferKeeper:
                     flag = skipped if skipped.device == b.device else skipped.to(b.device)
                     b.copy_(torch.where(flag, k, b))
             if fallback:
-                torch._foreach_copy_(self._kept, [b.detach() for b in live])
+                torch._foreach_copy_(self._kept, live)
 
     def restore_(self) -> None:
         """Put the kept buffers back now (an abandoned step) and wait for the next forward."""

@@ -253,8 +253,8 @@ def read_bits(host: Tensor, event: Any) -> list[bool]:
     """The flag bits as host bools (waits for the step that produced them, not for later work)."""
     if event is not None:
         event.synchronize()
-    # The bytes are in host memory: reading the storage does not touch the device.
-    return [b != 0 for b in host.untyped_storage().tolist()[: host.numel()]]
+    # The bytes are in host memory: a numpy view reads them without a device op or an aten call.
+    return [b != 0 for b in host.numpy().tolist()]
 
 
 def plain_row(row: dict[str, Any]) -> dict[str, Any]:
