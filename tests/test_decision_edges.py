@@ -247,21 +247,20 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_a_rollback_returns_to_the_newest_snapshot_from_before_the_streak():
-    # Snapshots at steps 0, 2, 4 and 6; the streak begins at 5. The one due at step 6 is taken
-    # inside the streak, when nothing was applied since it began: it stands for the streak's
-    # start (step 5, position 5), and the rollback returns there.
+    # Snapshots at steps 0, 2 and 4; the streak begins at 5, and the one due at step 6 falls
+    # inside it, so it is not taken: step 4's is the one to return to.
     cfg = GuardConfig(detectors=[], snapshot_every=2, keep_snapshots=3, budgets=Budgets(skip=2))
     guard, model, before = _run({5, 6, 7}, 8, cfg)
     rollback = _action(guard, "rollback")
-    assert (rollback["step"], rollback["restored_step"]) == (7, 5)
+    assert (rollback["step"], rollback["restored_step"]) == (7, 4)
     assert (rollback["skip_start"], rollback["skip_end"]) == (5, 7)
-    assert _same(model.state_dict(), before[5])  # nothing applied since the streak began
+    assert _same(model.state_dict(), before[4])  # step 4's update is undone, to be replayed
     assert not _same(before[4], before[5])
 
 
 def test_frequent_snapshots_inside_a_long_streak_still_allow_a_rollback():
-    # Every step snapshotted and only two kept: the snapshots taken inside the streak push out
-    # the one from before it, yet they hold the state from before it (nothing was applied).
+    # Every step snapshotted and only two kept: snapshots due inside the streak are not taken,
+    # so they cannot push out the one from before it.
     cfg = GuardConfig(detectors=[], snapshot_every=1, budgets=Budgets(skip=3))
     guard, model, before = _run({5, 6, 7, 8}, 12, cfg)
     rollback = _action(guard, "rollback")

@@ -397,9 +397,7 @@ class Guard:
     def snapshot(self) -> None:
         """Take a snapshot now (settling the pending step first: one host sync)."""
         self._finish_pending()
-        self._push_snapshot(
-            *self.rollbacks.label(self.counters.streak, self.step_count, self.position)
-        )
+        self._push_snapshot(self.step_count, self.position)
 
     def resume(self, snapshot: dict[str, Any] | str | Any = None) -> int:
         """Continue a run that stopped (a crash, a kill): restore everything from a snapshot.
@@ -549,7 +547,9 @@ class Guard:
             self._conclude(s)
         every = self.config.snapshot_every
         due = every and not rolled_back and self.step_count % every == 0
-        if due and not self._finish_pending():
+        # Not inside a streak of skips: nothing was applied since it began, and a snapshot
+        # taken now would push out the one from before it that a rollback returns to.
+        if due and not self._finish_pending() and not self.counters.streak:
             self.snapshot()
 
     def settle(self) -> None:
