@@ -15,7 +15,9 @@ Guarded, for a policy that has already measured
 (:meth:`gradguard.decide.policies.ClipPolicy.clip_`): ``clip_with_norms_`` (total norm) and
 ``clip_each_with_norms_`` (each tensor to its own threshold) take
 :class:`~gradguard.core.norms.GradNorms` and a threshold tensor, leave every gradient untouched when
-the total norm is not finite, and return :class:`Clipped`.
+the total norm is not finite, and return :class:`Clipped`. ``clip_with_norms_(...,
+scale_free=True)`` uses :func:`ratio_coefficient` instead of torch's rule: no ``1e-6`` (a constant
+in gradient units), so a threshold that scales with the gradients clips them exactly alike.
 
 TF-compatible, out of place: ``clip_by_value``, ``clip_by_norm``, ``clip_by_global_norm``.
 
@@ -66,6 +68,7 @@ __all__ = [
     "clip_grads_with_norm_",
     "clip_with_norms_",
     "get_total_norm",
+    "ratio_coefficient",
 ]
 
 TensorOrTensors = Tensor | Iterable[Tensor]
@@ -107,6 +110,37 @@ def clip_coefficient(
         ok = total_norm.isfinite() if finite is None else finite
         coef = torch.where(ok, coef, 1.0 if nonfinite == "skip" else 0.0)
     return coef
+
+
+def ratio_coefficient(
+    threshold: Tensor, total_norm: Tensor, finite: Tensor | None = None
+) -> Tensor:
+    """The scale-free factor ``min(threshold / total, 1)``: 1 unless ``total > threshold``.
+
+    torch's rule divides by ``total + 1e-6``; that ``1e-6`` is a constant in gradient units, so
+    multiplying the loss by ``c`` does not multiply the clipped gradients by exactly ``c``. Here
+    the factor is a plain ratio, evaluated only where ``total > threshold > 0`` is possible, so
+    for any power of two ``c`` (where nothing overflows or turns subnormal) the factor of
+    ``(c * threshold, c * total)`` is bit-for-bit the factor of ``(threshold, total)``. A
+    non-finite total (or ``finite`` False), a ``+inf`` threshold and a zero total give 1.
+
+    Args:
+        threshold: 0-dim (or matching) tensor, ``> 0`` or ``+inf``.
+        total_norm: the measured norm(s).
+        finite: ``total_norm.isfinite()`` when already known.
+
+    Returns:
+        The factor(s), with ``total_norm``'s shape and dtype; no host read.
+
+    Example:
+        >>> ratio_coefficient(torch.tensor(2.0), torch.tensor([1.0, 8.0, math.inf]))
+        tensor([1.0000, 0.2500, 1.0000])
+    """
+    ok = total_norm.isfinite() if finite is None else finite
+    limit = threshold.to(total_norm.device, total_norm.dtype)
+    over = ok & (total_norm > limit)
+    # The division is kept only where total > limit: a finite positive total, so no 0/0 or inf.
+    return torch.where(over, limit / torch.where(over, total_norm, 1.0), 1.0)
 
 
 def _torch_coef(max_norm: float, norm: Tensor) -> Tensor:
@@ -372,13 +406,15 @@ def clip_with_norms_(
     *,
     norm_type: float = 2.0,
     foreach: bool | None = None,
+    scale_free: bool = False,
 ) -> Clipped:
     """Clip the total norm of ``grads`` to ``threshold`` in place, given their measured norms.
 
     ``grad *= min(threshold / (total + 1e-6), 1)`` (:func:`clip_coefficient`, torch's rule:
-    bit-identical to ``torch.nn.utils.clip_grad_norm_`` for fp32/fp64 gradients); a non-finite
-    total gives the factor 1, so a step the guard will skip leaves its gradients bit-for-bit
-    untouched. No host sync.
+    bit-identical to ``torch.nn.utils.clip_grad_norm_`` for fp32/fp64 gradients), or with
+    ``scale_free`` the plain ratio ``min(threshold / total, 1)`` (:func:`ratio_coefficient`); a
+    non-finite total gives the factor 1, so a step the guard will skip leaves its gradients
+    bit-for-bit untouched. No host sync.
 
     Args:
         grads: the gradients ``norms`` was measured from (already validated).
@@ -388,6 +424,8 @@ def clip_with_norms_(
         norm_type: the p ``norms`` was measured with (the post-clip total is ``total *
             factor`` for every p).
         foreach: torch's flag.
+        scale_free: the factor without torch's ``1e-6`` (for thresholds relative to the run's
+            own norms: the clip is then exactly equivariant to the loss's scale).
 
     Returns:
         :class:`Clipped`; ``learn`` is the post-clip total.
@@ -405,7 +443,10 @@ def clip_with_norms_(
         limit = limit if limit.device == total.device else limit.to(total.device)
     else:
         limit = torch.full((), _validate.as_float("threshold", threshold), device=total.device)
-    coef = clip_coefficient(limit, total, "skip", finite=norms.finite)
+    if scale_free:
+        coef = ratio_coefficient(limit, total, norms.finite)
+    else:
+        coef = clip_coefficient(limit, total, "skip", finite=norms.finite)
     if grads:
         mul_(grads, coef, foreach)
     # The p-norm is homogeneous: scaling every gradient by coef scales the total by coef.
