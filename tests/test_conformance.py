@@ -12,6 +12,7 @@ from gradguard.decide.detect import (
     Detector,
     DivergenceDetector,
     NonFiniteDetector,
+    RatioSpikeDetector,
     SpikeDetector,
     UpdateRatioDetector,
     VanishingDetector,
@@ -21,6 +22,7 @@ from gradguard.decide.policies import (
     ClipPolicy,
     EMARatioClip,
     FixedThreshold,
+    MedianClip,
     QuantileClip,
     ZScoreClip,
 )
@@ -38,6 +40,8 @@ POLICIES: dict[str, Callable[[], ClipPolicy]] = {
     "ema-ratio": lambda: EMARatioClip(warmup=5, max_norm=2.0),
     "ema-ratio-nowarm": lambda: EMARatioClip(ratio=1.2, beta=0.9, warmup=0, max_norm=None),
     "agc": lambda: AGCPolicy(0.02),
+    "median": lambda: MedianClip(),
+    "median-short": lambda: MedianClip(factor=1.5, window=3),
 }
 
 SPIKES = {25: 40.0, 26: 3.0, 33: 80.0}
@@ -106,6 +110,8 @@ DETECTORS: dict[str, tuple[Callable[[], Detector], C.StepHook | None]] = {
     ),
     # A low ratio and a short cool-down, so that the planted loss spike makes it fire.
     "divergence": (lambda: DivergenceDetector(ratio=1.05, warmup=3, cooldown=2, noise=0.0), None),
+    "ratio-spike": (lambda: RatioSpikeDetector(ratio=3.0, window=16), None),
+    "ratio-spike-patient": (lambda: RatioSpikeDetector(ratio=1.5, window=4, patience=2), None),
     "vanishing": (lambda: VanishingDetector(floor=1e-2, patience=3), None),
     "update-ratio": (lambda: UpdateRatioDetector(max_ratio=0.1), _ratio_hook),
 }

@@ -251,9 +251,13 @@ spec("DivergenceDetector", D.DivergenceDetector, "beta", FRAC_CO)
 spec("DivergenceDetector", D.DivergenceDetector, "warmup", int_ge(1))
 spec("DivergenceDetector", D.DivergenceDetector, "cooldown", int_ge(0))
 spec("DivergenceDetector", D.DivergenceDetector, "clip", RATIO)
-spec("DivergenceDetector", D.DivergenceDetector, "limit", int_ge(0))
 spec("DivergenceDetector", D.DivergenceDetector, "noise", NONNEG)
 spec("DivergenceDetector", D.DivergenceDetector, "memory", FRAC_OC)
+spec("MedianClip", P.MedianClip, "factor", RATIO)
+spec("MedianClip", P.MedianClip, "window", int_ge(1))
+spec("RatioSpikeDetector", D.RatioSpikeDetector, "ratio", RATIO)
+spec("RatioSpikeDetector", D.RatioSpikeDetector, "window", int_ge(2))
+spec("RatioSpikeDetector", D.RatioSpikeDetector, "patience", int_ge(1))
 spec("VanishingDetector", D.VanishingDetector, "floor", FRAC_OO)
 spec("VanishingDetector", D.VanishingDetector, "patience", int_ge(1))
 spec("UpdateRatioDetector", D.UpdateRatioDetector, "max_ratio", POS)
@@ -544,9 +548,11 @@ STATEFUL: list[tuple[str, Callable[[], Any]]] = [
     ("FixedThreshold", lambda: policies.FixedThreshold(1.0)),
     ("QuantileClip", lambda: policies.QuantileClip(warmup=2, history=8)),
     ("ZScoreClip", lambda: policies.ZScoreClip(warmup=2)),
+    ("MedianClip", lambda: policies.MedianClip(window=4)),
     ("AGCPolicy", lambda: policies.AGCPolicy()),
     ("SpikeDetector", lambda: detect.SpikeDetector("grad_norm", window=8, warmup=2)),
     ("DivergenceDetector", lambda: detect.DivergenceDetector(warmup=2)),
+    ("RatioSpikeDetector", lambda: detect.RatioSpikeDetector(window=4)),
     ("VanishingDetector", lambda: detect.VanishingDetector()),
     ("Recorder", lambda: records.Recorder(flush_every=2)),
     ("SkipList", lambda: skiplist.SkipList()),

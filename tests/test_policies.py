@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -21,6 +22,7 @@ from gradguard.decide.policies import (
     AGCPolicy,
     EMARatioClip,
     FixedThreshold,
+    MedianClip,
     QuantileClip,
     ZScoreClip,
 )
@@ -694,3 +696,83 @@ def test_zscore_is_zero_in_warmup_then_the_standard_score() -> None:
     std = math.sqrt(sum((x - mean) ** 2 for x in seq) / 3)
     want = (10.0 - mean) / (std + 1e-6)
     assert float(policy.zscore(norms64([10.0]))) == pytest.approx(want, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ median clip
+
+
+def ref_median_clip(values: list[float], factor: float, window: int) -> list[float]:
+    """MedianClip in plain Python: the threshold is ``factor`` x the lower median of the last
+    ``window`` stored values (``inf`` before the first); an accepted finite nonzero norm is
+    stored as ``min(norm, threshold)``, or as the median when it is above ``factor`` x the
+    threshold (an explosion)."""
+    stored: list[float] = []
+    out = []
+    for v in values:
+        recent = sorted(stored[-window:])
+        median = recent[(len(recent) - 1) // 2] if recent else math.nan
+        limit = factor * median if recent else math.inf
+        out.append(limit)
+        if math.isfinite(v) and v > 0:
+            stored.append(median if v > factor * limit else min(v, limit))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.floats(1e-3, 1e3), st.sampled_from([math.nan, math.inf, 0.0])),
+        min_size=1,
+        max_size=40,
+    ),
+    factor=st.sampled_from([1.5, 2.0, 3.0]),
+    window=st.integers(1, 9),
+)
+def test_median_clip_matches_reference(values: list[float], factor: float, window: int) -> None:
+    policy = MedianClip(factor=factor, window=window)
+    got = C.drive_policy(
+        policy, [C.make_norms([v], torch.float32, torch.device("cpu")) for v in values]
+    )
+    want = ref_median_clip(
+        [float(torch.tensor(v, dtype=torch.float32)) for v in values], factor, window
+    )
+    for i, (t, w) in enumerate(zip(got, want)):
+        assert float(t) == pytest.approx(w, rel=1e-6), i
+
+
+def test_median_clip_clips_with_the_exact_ratio_and_never_at_step_0() -> None:
+    policy = MedianClip()
+    first = [torch.tensor([3.0, 4.0])]  # norm 5: nothing to compare it with, not clipped
+    c = policy.clip_(first, grad_norms(first))
+    assert not bool(c.clipped) and torch.equal(first[0], torch.tensor([3.0, 4.0]))
+    policy.update(grad_norms([torch.tensor([3.0, 4.0])]), c.learn, torch.tensor(True))
+    big = [torch.tensor([300.0, 400.0])]  # norm 500: clipped to 2 x 5, by 10 / 500 exactly
+    c = policy.clip_(big, grad_norms([torch.tensor([300.0, 400.0])]))
+    assert bool(c.clipped) and float(c.threshold) == 10.0
+    assert torch.equal(big[0], torch.tensor([300.0, 400.0]) * (torch.tensor(10.0) / 500.0))
+
+
+def test_median_clip_follows_a_healthy_rise_and_clips_an_explosion() -> None:
+    def clipped_steps(norms: list[float]) -> list[int]:
+        policy = MedianClip()
+        seq = [C.make_norms([v], torch.float32, torch.device("cpu")) for v in norms]
+        limits = C.drive_policy(policy, seq)
+        return [i for i, (v, t) in enumerate(zip(norms, limits)) if v > float(t)]
+
+    # A CNN's healthy norm grows tenfold over its first ~50 steps (5% a step): never clipped.
+    assert clipped_steps([0.5 * 1.05**i for i in range(120)]) == []
+    # A norm 100x its run's typical one is clipped at once, whatever the units.
+    assert clipped_steps([1.0] * 20 + [100.0] + [1.0] * 5) == [20]
+    # An explosion (40% a step) is clipped at every step it lasts: the threshold can only rise
+    # by the factor (2) per half window (8 accepted steps), 9% a step.
+    assert clipped_steps([1.0] * 16 + [1.4**i for i in range(1, 30)]) == list(range(18, 45))
+
+
+def test_median_clip_is_never_dragged_below_the_healthy_norm() -> None:
+    # Every step above the threshold (a plateau twice the old level, then 3x): each stored
+    # value is the threshold itself, so the threshold never falls and adopts the plateau.
+    policy = MedianClip()
+    seq = [C.make_norms([v], torch.float32, torch.device("cpu")) for v in [1.0] * 16 + [3.0] * 40]
+    limits = [float(t) for t in C.drive_policy(policy, seq)][1:]  # inf at step 0
+    assert all(b >= a for a, b in itertools.pairwise(limits))
+    assert limits[-1] == 6.0  # twice the new level: the plateau is normal now

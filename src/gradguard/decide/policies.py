@@ -60,6 +60,7 @@ __all__ = [
     "ClipPolicy",
     "EMARatioClip",
     "FixedThreshold",
+    "MedianClip",
     "QuantileClip",
     "ZScoreClip",
 ]
@@ -267,6 +268,133 @@ class QuantileClip(ClipPolicy):
             f"QuantileClip(quantile={self.quantile}, history={self.history}, "
             f"warmup={self.warmup}, max_norm={self.max_norm}, feed={self.feed!r})"
         )
+
+
+class MedianClip(ClipPolicy):
+    """Clip the total norm to ``factor`` times the median of the run's own recent norms: a
+    threshold with no unit, the default policy.
+
+    The threshold is ``factor * median(history)`` over the last ``window`` accepted finite
+    norms, each stored as ``min(norm, threshold in force)``; before the first accepted norm it is
+    ``+inf`` (step 0 is never clipped: there is nothing to compare it with). Clipping to a
+    statistic of the run's own gradient norms is AutoClip's idea (Seetharaman et al., arXiv
+    2007.14469, a percentile of all past norms) and ZClip's (Kumar et al., arXiv 2504.02507, an
+    EMA z-score); here the statistic is a median over a short window, for three properties:
+
+    * **scale-free**: a median and a product are exact in floating point, and the clip factor is
+      :func:`gradguard.core.clip.ratio_coefficient` (no ``1e-6``): multiplying the loss by a
+      power of two multiplies every stored norm, threshold and clipped gradient by exactly that
+      power. A summed loss, a wide model or a loss in other units clips exactly as the mean
+      loss of a narrow one would;
+    * **robust**: one outlier moves a median by one rank whatever its size, and what is stored
+      is clipped, so an explosion cannot become "normal" faster than ``factor`` per
+      ``window / 2`` accepted steps (a sustained rise of more than ``factor ** (2 / window)``
+      per step, 9% for the defaults, is clipped; a healthy plateau is adopted at that rate);
+    * **never below the healthy norm**: with ``factor > 1`` a stored value is at least the
+      median (a clipped step stores the threshold), so clipping cannot drag the threshold down,
+      unlike ZClip's learned clipped norms under a cap (a threshold stuck below healthy norms
+      of 10-30 cuts SGD's learning rate on every step).
+
+    Skipped or non-finite steps, and zero norms (no gradient), store nothing.
+
+    Args:
+        factor: the threshold over the median, ``> 1`` (2: a step twice the run's typical norm
+            is clipped back to twice it).
+        window: norms the median is taken over (``>= 1``); a short window follows a healthy
+            rise in the norm (a CNN's norm grows tenfold in its first hundred steps), a long one
+            resists a long explosion.
+
+    Raises:
+        ValueError: an argument out of range.
+
+    Example:
+        >>> policy = MedianClip()          # factor 2, window 16
+        >>> c = policy.clip_(grads, norms); policy.update(norms, c.learn, accepted)
+    """
+
+    _config_keys = ("factor", "window")
+
+    _last_limit: tuple[GradNorms, Tensor, Tensor] | None = None  # threshold() for update()
+
+    def __init__(self, factor: float = 2.0, window: int = 16) -> None:
+        super().__init__()
+        f = _validate.as_float("factor", factor)
+        if not (math.isfinite(f) and f > 1.0):
+            raise ValueError(f"factor must be a finite number > 1, got {factor!r}")
+        self.factor = f
+        self.window = as_int("window", window, 1)
+
+    def _state_spec(self) -> dict[str, Spec]:
+        return {"history": Spec((self.window,)), "count": Spec((), integer=True)}
+
+    def _check_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> dict[str, Any]:
+        if tensors:
+            h = tensors["history"]
+            if bool(((h <= 0) | h.isinf()).any()):
+                raise ValueError(
+                    "MedianClip.load_state_dict: history must hold norms > 0 (NaN: empty slots)"
+                )
+        return {}
+
+    def _fresh_state(self, like: Tensor) -> dict[str, Tensor]:
+        dt = stat_dtype(like)
+        return {
+            "history": torch.full((self.window,), math.nan, dtype=dt, device=like.device),
+            "count": torch.zeros((), dtype=torch.int64, device=like.device),
+        }
+
+    def _limit(self, st: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The median (the lower one of an even count: a selection, exact) and ``factor *
+        median``, or ``+inf`` before the first stored norm; in the statistics' dtype."""
+        median = st["history"].nanmedian()  # NaN while empty
+        return median, torch.where(st["count"] > 0, self.factor * median, math.inf)
+
+    def threshold(self, norms: GradNorms) -> Tensor:
+        st = self._ensure(norms.total)
+        median, limit = self._limit(st)
+        self._last_limit = (norms, median, limit)  # the guard learns from the same norms next
+        return limit.to(norms.total.dtype)
+
+    def clip_(
+        self,
+        grads: Sequence[Tensor],
+        norms: GradNorms,
+        params: Parameters | None = None,
+        *,
+        norm_type: float = 2.0,
+        foreach: bool | None = None,
+    ) -> Clipped:
+        """Clip the total norm with the scale-free factor ``min(threshold / total, 1)``
+        (:func:`gradguard.core.clip.ratio_coefficient`); otherwise as :meth:`ClipPolicy.clip_`."""
+        limit = self.threshold(norms)
+        return clip_with_norms_(
+            grads, limit, norms, norm_type=norm_type, foreach=foreach, scale_free=True
+        )
+
+    def update(self, norms: GradNorms, clipped: Tensor | list[Tensor], accepted: Tensor) -> None:
+        """Store ``min(norm, threshold)`` of an accepted finite step with a nonzero norm;
+        ``clipped`` is not used (the threshold in force is the clipped value, exactly)."""
+        st = self._ensure(norms.total)
+        if not isinstance(clipped, Tensor):
+            raise TypeError("MedianClip is a global policy: clipped must be a 0-dim tensor")
+        history, count = st["history"], st["count"]
+        g = norms.total.to(history.device, history.dtype)
+        cached = self._last_limit
+        median, limit = (
+            (cached[1], cached[2]) if cached is not None and cached[0] is norms else self._limit(st)
+        )
+        self._last_limit = None
+        ok = as_bool(accepted, history.device) & g.isfinite() & (g > 0)
+        # A norm far above the threshold is an explosion: it stores the median, not the
+        # threshold, so a run of them cannot lift the threshold (before the first store the
+        # threshold is inf and the norm itself is stored).
+        value = torch.where(g > self.factor * limit, median, torch.minimum(g, limit))
+        slot = torch.arange(self.window, device=history.device) == count % self.window
+        st["history"] = torch.where(slot & ok, value, history)
+        st["count"] = count + ok.to(torch.int64)
+
+    def __repr__(self) -> str:
+        return f"MedianClip(factor={self.factor}, window={self.window})"
 
 
 ZCLIP_MODES = ("adaptive", "zscore", "mean")
