@@ -325,11 +325,28 @@ def restore(
             k: _rebuild(v, homes.get(k, default), clone=True) for k, v in opt_state["state"].items()
         }
     optimizer.load_state_dict(loaded)
+    _keep_state_dtypes(optimizer, params, opt_state.get("state", {}))
     if scheduler is not None and snapshot["scheduler"] is not None:
         scheduler.load_state_dict(_rebuild(snapshot["scheduler"], default, clone=True))
     if scaler is not None and snapshot["scaler"] is not None:
         scaler.load_state_dict(_rebuild(snapshot["scaler"], default, clone=True))
     set_rng_state(snapshot["rng"])
+
+
+def _keep_state_dtypes(
+    optimizer: torch.optim.Optimizer, params: list[Any], stored: dict[Any, Any]
+) -> None:
+    """``Optimizer.load_state_dict`` casts floating state to its parameter's dtype; put back the
+    dtype the state had when captured (a model cast after its optimizer was built keeps fp32
+    state), so a restored run computes exactly as the captured one did."""
+    for i, entry in stored.items():
+        if not isinstance(i, int) or not 0 <= i < len(params) or not isinstance(entry, dict):
+            continue
+        live = optimizer.state.get(params[i], {})
+        for key, value in entry.items():
+            now = live.get(key)
+            if isinstance(value, Tensor) and isinstance(now, Tensor) and now.dtype != value.dtype:
+                live[key] = now.to(value.dtype)
 
 
 def _check_format(snapshot: Any) -> None:

@@ -248,6 +248,15 @@ def sync_free(optimizer: Any, scheduler: Any, scaler: Any, sync: str, plain: boo
         return False
     if scheduler is not None and not has_state(scheduler):
         return False  # the scheduler cannot be put back: decide on the host first
+    # Fused SGD with momentum creates a parameter's momentum buffer uninitialized at its first
+    # step and fills it in the kernel: a first step skipped on the device would leave it so.
+    # That step is decided on the host.
+    for g in optimizer.param_groups:
+        if g.get("fused") and g.get("momentum", 0) and isinstance(optimizer, torch.optim.SGD):
+            state = optimizer.state
+            if any(p.grad is not None and "momentum_buffer" not in state.get(p, {})
+                   for p in g["params"]):  # fmt: skip
+                return False
     amp = scaler is not None and scaler.is_enabled()
     return plain or (scheduler is None and not amp)
 

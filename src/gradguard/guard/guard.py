@@ -152,17 +152,23 @@ def _loss_tensor(loss: Tensor | float | None, device: torch.device) -> Tensor | 
 
 
 class _Settle:
-    """``optimizer.state_dict()``/``model.state_dict()`` settle a pending step first. A weak
+    """``optimizer.state_dict()``/``model.state_dict()`` settle a pending step first; a
+    ``load_state_dict()`` into either (``loaded``) makes the guard's snapshots stale. A weak
     reference, and a copied or pickled object carries no tie to this guard."""
 
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: Guard, loaded: bool = False) -> None:
         import weakref
 
         self._ref = weakref.ref(guard)
+        self._loaded = loaded
 
     def __call__(self, *args: Any) -> None:
         guard = self._ref()
-        if guard is not None:
+        if guard is None:
+            return
+        if self._loaded:
+            guard.rollbacks.stale = True
+        else:
             guard.settle()
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -250,10 +256,10 @@ class Guard:
         )
         # A checkpoint must not catch a step whose flags the host has not read yet. Settling
         # only reads and undoes a scheduler guess: no collective, so one rank may save alone.
-        optimizer.register_state_dict_pre_hook(_Settle(self))
-        hook = getattr(model, "register_state_dict_pre_hook", None)
-        if callable(hook):
-            hook(_Settle(self))
+        # A checkpoint loaded into either makes the snapshots of another trajectory.
+        for obj in (optimizer, model):
+            obj.register_state_dict_pre_hook(_Settle(self))
+            obj.register_load_state_dict_post_hook(_Settle(self, loaded=True))
         if scheduler is not None and has_state(scheduler):
             _skip.settle_on_read(scheduler, self.settle)
         # Snapshots of an earlier run in snapshot_dir: keep them until resume() (or
@@ -629,7 +635,7 @@ class Guard:
             assert s.verdict is not None
             if not plain:
                 if s.verdict.skipped:
-                    self._noop_framework_step()
+                    self._noop_framework_step(amp_overflow=s.verdict.signal == AMP)
                 else:
                     self.lr_scale.apply(self.optimizer)
             return s.report
@@ -768,16 +774,23 @@ class Guard:
         if not s.verdict.skipped and self.scheduler is not None:
             self.scheduler.step()
 
-    def _noop_framework_step(self) -> None:
-        """Make the framework's coming optimizer.step() and scheduler.step() do nothing."""
+    def _noop_framework_step(self, amp_overflow: bool = False) -> None:
+        """Make the framework's coming optimizer.step() and scheduler.step() do nothing, and
+        put back what its scaler.step()/update() change for a step the guard skipped."""
         params = self._params()
         if not _skip.skips_without_grads(self.optimizer):
             # It may move without gradients (a step counter, schedule-free weights): put it back.
             keeper = _skip.OptimizerKeeper(self.optimizer, params)
-            self._disarm.append(lambda: keeper.restore(self.optimizer))
+            self._disarm.append(lambda: self._own_load(keeper.restore, self.optimizer))
         _skip.drop_grads(params)
         if self.scheduler is not None:
             self._disarm.append(_skip.noop_scheduler_step(self.scheduler))
+        scaler = self.scaler
+        if scaler is not None and scaler.is_enabled() and not amp_overflow:
+            # The framework's scaler.update() would count an incident as an overflow (lower the
+            # scale) or as a good step (growth): the scaler's business only on its own overflow.
+            kept = scaler.state_dict()
+            self._disarm.append(lambda: scaler.load_state_dict(kept))
 
     def _dropped(self, plain: bool) -> StepReport:
         """The report of a batch computed before a rollback: it is not applied."""
@@ -785,6 +798,12 @@ class Guard:
         if not plain:
             self._noop_framework_step()
         return StepReport.dropped(self.step_count, self.position)
+
+    def _own_load(self, load: Callable[..., Any], *args: Any) -> None:
+        """A load the guard does itself: the snapshots still fit (not a user's checkpoint)."""
+        stale = self.rollbacks.stale
+        load(*args)
+        self.rollbacks.stale = stale
 
     def _undo_arming(self) -> None:
         for undo in self._disarm:
@@ -964,6 +983,7 @@ class Guard:
         self.position = self.skip_list.next_allowed(int(snap["position"]))
         self.buffers.keep_()
         self.responder.refresh()
+        self.rollbacks.stale = False  # the guard's own load: the snapshots still fit
 
     # ------------------------------------------------------------------ state
 

@@ -224,8 +224,10 @@ class Rollbacks:
 
     Snapshots are taken from the objects as they are when one is due (read, don't remember):
     the first at the first step (a checkpoint loaded after the guard was built is in it), a new
-    one whenever the optimizer's parameter groups change (``add_param_group``: an older
-    snapshot no longer fits the optimizer), then every ``every`` steps.
+    one whenever the optimizer's parameters change (``add_param_group``, a cast to another
+    dtype or device: an older snapshot no longer fits) or a checkpoint is loaded into the model
+    or the optimizer (:attr:`stale`: an older snapshot is of another trajectory), then every
+    ``every`` steps.
 
     Args:
         every: steps between snapshots (0: none).
@@ -252,6 +254,7 @@ class Rollbacks:
         self.streak_start = 0
         self.skip_before, self.skip_after = skip_before, skip_after
         self.due_at: tuple[int, int] | None = None  # what the next snapshot stands for
+        self.stale = False  # a checkpoint was loaded into the model or optimizer since
         self._structure: tuple[Any, ...] | None = None
 
     def due(
@@ -259,9 +262,9 @@ class Rollbacks:
     ) -> tuple[int, int] | None:
         """The ``(step, position)`` a snapshot taken now stands for, or ``None`` when none is
         due now (called at the start of each step)."""
-        structure = tuple(tuple(id(p) for p in g["params"]) for g in optimizer.param_groups)
-        changed = self._structure is not None and structure != self._structure
-        self._structure = structure
+        structure = _structure(optimizer)
+        changed = self.stale or (self._structure is not None and structure != self._structure)
+        self._structure, self.stale = structure, False
         if not self.every or (self.store.has() and not changed):
             return None
         if changed:
@@ -277,8 +280,8 @@ class Rollbacks:
         return (step - streak, self.streak_start) if streak else (step, position)
 
     def seen(self, optimizer: torch.optim.Optimizer) -> None:
-        """The snapshots fit the optimizer as it is now (after a resume)."""
-        self._structure = tuple(tuple(id(p) for p in g["params"]) for g in optimizer.param_groups)
+        """The snapshots fit the objects as they are now (after a resume)."""
+        self._structure, self.stale = _structure(optimizer), False
 
     def window(self, position: int) -> tuple[int, int]:
         """Add the bad window from the streak's start to ``position`` (widened); returns it."""
@@ -295,3 +298,11 @@ class Rollbacks:
         """Restore :meth:`state_dict`'s windows and streak start."""
         self.skip_list.load_state_dict(state["skip_list"])
         self.streak_start = int(state["streak_start"])
+
+
+def _structure(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
+    """The optimizer's parameters as a snapshot must fit them: which, in which groups, and
+    their dtypes and devices (``model.double()`` keeps the parameter objects)."""
+    return tuple(
+        tuple((id(p), p.dtype, p.device) for p in g["params"]) for g in optimizer.param_groups
+    )

@@ -19,6 +19,7 @@ settled, so a step that raises on the way is forgotten whole (see
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import math
 from collections.abc import Callable
@@ -253,8 +254,9 @@ def read_bits(host: Tensor, event: Any) -> list[bool]:
     """The flag bits as host bools (waits for the step that produced them, not for later work)."""
     if event is not None:
         event.synchronize()
-    # The bytes are in host memory: a numpy view reads them without a device op or an aten call.
-    return [b != 0 for b in host.numpy().tolist()]
+    # The bytes are in host memory (uint8, contiguous): read them as bytes, with no device op
+    # and no aten call (Tensor.tolist() would dispatch ops per element).
+    return [b != 0 for b in ctypes.string_at(host.data_ptr(), host.numel())]
 
 
 def plain_row(row: dict[str, Any]) -> dict[str, Any]:
