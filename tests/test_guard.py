@@ -275,7 +275,11 @@ def test_state_dict_roundtrips_through_weights_only_load() -> None:
         opt.zero_grad()
     guard.skip_list.add(2, 3)
     state = guard.state_dict()
-    other = Guard(_net(), torch.optim.SGD(_net().parameters(), lr=0.01), config=GuardConfig())
+    other = Guard(
+        _net(),
+        torch.optim.SGD(_net().parameters(), lr=0.01),
+        config=GuardConfig(policy=ZScoreClip(warmup=3)),
+    )
     other.load_state_dict(C.roundtrip_bytes(state))
     _assert_bitwise(other.state_dict(), state, "guard")
     assert other.should_skip(3) and other.step_count == 6
