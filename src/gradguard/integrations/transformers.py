@@ -15,10 +15,13 @@ Three interactions with HF, and what this module does about them:
 
 * HF clips *before* ``on_pre_optimizer_step`` when ``max_grad_norm > 0`` (the default is 1.0),
   so the guard would measure already-clipped gradients and its policy would learn from them.
-  :class:`GuardCallback` refuses that with a ValueError saying what to do (``max_grad_norm=0``,
-  and give the guard the threshold); ``take_over_clipping=True`` does it for you: it sets
+  :class:`GuardCallback` refuses that with a ValueError saying what to do, since
+  ``max_grad_norm=1.0`` may be HF's default rather than a choice: ``max_grad_norm=0`` gives the
+  guard's own default clip (``MedianClip``: relative to the run's norms, no unit), as
+  ``Guard(model, optimizer)`` has; ``take_over_clipping=True`` keeps HF's absolute cap: it sets
   ``args.max_grad_norm = 0`` and, when the config names no policy, clips with
-  ``FixedThreshold(max_grad_norm)``, which is HF's clipping done by the guard.
+  ``FixedThreshold(max_grad_norm)``, which is HF's clipping done by the guard (a constant in
+  gradient units: a summed loss or a wide model has its learning rate cut by it).
 * ``on_optimizer_step`` runs after ``optimizer.step()``: a callback that clips or skips there
   does nothing. The guard acts in ``on_pre_optimizer_step``.
 * ``logging_nan_inf_filter`` (on by default) replaces a NaN/inf loss in HF's ``loss`` by the
@@ -129,9 +132,10 @@ class GuardCallback(TrainerCallback):
             raise ValueError(
                 f"TrainingArguments(max_grad_norm={args.max_grad_norm}) makes the Trainer clip "
                 "the gradients before on_pre_optimizer_step, so the guard would measure clipped "
-                "norms. Set max_grad_norm=0 and let the guard clip (GuardConfig(policy="
-                f"FixedThreshold({args.max_grad_norm})) clips like HF), or pass "
-                "take_over_clipping=True to GuardCallback/GuardedTrainer"
+                "norms. Set max_grad_norm=0 and let the guard clip: with its defaults (a "
+                "threshold relative to the run's own norms, no unit), or with GuardConfig("
+                f"policy=FixedThreshold({args.max_grad_norm})) to clip like HF at an absolute "
+                "cap; take_over_clipping=True to GuardCallback/GuardedTrainer does the latter"
             )
         config = self.config if self.config is not None else GuardConfig()
         if config.policy is None:
