@@ -1,7 +1,8 @@
 """The stability benchmark's methods: gradguard configurations and every peer, one interface.
 
 A method turns ``(model, problem)`` into a :class:`Stepper`, which replaces ``optimizer.step()``
-in the training loop and says what it did (``"step"``, ``"clip"``, ``"skip"``, ``"rollback"``).
+in the training loop and says what it did (``"step"``, ``"clip"``, ``"skip"``, ``"backoff"``,
+``"rollback"``).
 Adding a method is one entry in :data:`METHODS`; a gradguard configuration is one
 :func:`guard_method` line::
 
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from gradguard.app.lab._scenarios import Problem
 
-STEP, CLIP, SKIP, ROLLBACK = "step", "clip", "skip", "rollback"
+STEP, CLIP, SKIP, BACKOFF, ROLLBACK = "step", "clip", "skip", "backoff", "rollback"
 
 
 class Stopped(Exception):
@@ -56,8 +57,9 @@ class Method:
         label: what it is, in words (shown in the tables).
         build: ``(model, problem) -> Stepper``.
         replaces_optimizer: an Adam-type optimizer of its own; runs only where the scenario's
-            optimizer is AdamW (its clip counts are internal, so not reported).
-        family: ``"gradguard"``, ``"peer"`` or ``"baseline"``.
+            optimizer is Adam or AdamW (its clip counts are internal, so not reported).
+        family: ``"gradguard"``, ``"peer"``, ``"baseline"`` or ``"grid"`` (a clip threshold of
+            the tuning grid, in the scenario's units).
     """
 
     label: str
@@ -98,18 +100,28 @@ def none_method() -> Method:
     return Method("no clipping", lambda m, p: _Plain(m, p), family="baseline")
 
 
-def torch_clip(max_norm: float) -> Method:
-    """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` before every step."""
+def torch_clip(max_norm: float, *, in_units: bool = False) -> Method:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` before every step.
+
+    ``in_units``: the threshold is ``max_norm`` times the scenario's units
+    (:attr:`Problem.units`), as a user who tuned it in the units of their own loss would set it:
+    the tuning grid. Otherwise it is ``max_norm`` whatever the loss's scale (a constant a user
+    copied, as ``clip_grad_norm_(params, 1.0)`` and Hugging Face's ``max_grad_norm=1.0`` are).
+    """
 
     def build(model: nn.Module, problem: Problem) -> Stepper:
         params = _params(model)
+        limit = max_norm * problem.units if in_units else max_norm
 
         def clip() -> bool:
-            total = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            return bool(total > max_norm)
+            total = torch.nn.utils.clip_grad_norm_(params, limit)
+            return bool(total > limit)
 
         return _Plain(model, problem, clip)
 
+    if in_units:
+        label = f"torch clip_grad_norm_({max_norm:g} x units), a point of the tuning grid"
+        return Method(label, build, family="grid")
     return Method(f"torch clip_grad_norm_({max_norm:g})", build, family="baseline")
 
 
@@ -284,10 +296,8 @@ class GuardStepper:
             action = str(report.action)
         except GuardAbort as e:
             raise Stopped(f"GuardAbort: {e}") from e
-        if action == ROLLBACK:
-            return ROLLBACK
-        if action in ("skip", "backoff"):
-            return SKIP
+        if action in (ROLLBACK, BACKOFF, SKIP):
+            return action
         total = getattr(report, "total_norm", None)
         threshold = getattr(report, "threshold", None)
         if isinstance(total, Tensor) and isinstance(threshold, Tensor):
@@ -313,14 +323,18 @@ def _best_config() -> Any:
     return GuardConfig(policy=FixedThreshold(1.0), detectors=[], record_layers=False)
 
 
-CLIP_GRID_QUICK = (0.25, 1.0, 4.0)
-CLIP_GRID_FULL = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)
+# The tuning grid: half-decades over four decades, in the scenario's own units. Its best point
+# per scenario is the oracle a user reaches only after a sweep.
+CLIP_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+FIXED_CLIPS = (0.25, 1.0, 4.0)  # absolute thresholds, whatever the units (clip-1: HF's default)
 
 
 def _registry() -> dict[str, Method]:
     methods: dict[str, Method] = {"none": none_method()}
-    for c in sorted(set(CLIP_GRID_QUICK) | set(CLIP_GRID_FULL)):
+    for c in FIXED_CLIPS:
         methods[f"clip-{c:g}"] = torch_clip(c)
+    for c in CLIP_GRID:
+        methods[f"grid-{c:g}"] = torch_clip(c, in_units=True)
     methods.update(
         {
             "zclip": zclip_method(),
@@ -346,20 +360,23 @@ def _registry() -> dict[str, Method]:
 METHODS: dict[str, Method] = _registry()
 
 
+PEERS = ("zclip", "autoclip", "adagc", "spam", "stablespam", "olmo-skip", "agc")
+
+
 def default_methods(quick: bool) -> tuple[str, ...]:
-    """The methods a full benchmark run compares (``zclip-nocap`` is available, not default)."""
-    grid = CLIP_GRID_QUICK if quick else CLIP_GRID_FULL
+    """The methods a benchmark run compares: no clipping, the tuning grid, torch's clip at 1.0,
+    every peer and gradguard's defaults (``zclip-nocap``, ``gradguard-best`` and the other
+    absolute clips are available, not default). The clean suite skips the grid."""
     return (
-        "none",
-        *(f"clip-{c:g}" for c in grid),
-        "zclip", "autoclip", "adagc", "spam", "stablespam", "olmo-skip", "agc",
-        "gradguard-defaults", "gradguard-best",
+        "none", *(f"grid-{c:g}" for c in CLIP_GRID), "clip-1", *PEERS, "gradguard-defaults",
     )  # fmt: skip
 
 
 def is_clip_grid(name: str) -> bool:
-    return name.startswith("clip-")
+    """A point of the tuning grid (``grid-0.3``: 0.3 in the scenario's units)."""
+    return name.startswith("grid-")
 
 
 def clip_value(name: str) -> float:
-    return float(name.removeprefix("clip-")) if is_clip_grid(name) else math.nan
+    """The grid point's threshold in the scenario's own units (``nan`` for other methods)."""
+    return float(name.removeprefix("grid-")) if is_clip_grid(name) else math.nan

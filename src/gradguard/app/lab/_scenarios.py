@@ -69,8 +69,8 @@ class Problem:
 
     Attributes:
         model: the freshly initialized model.
-        optimizer: ``"sgd"`` or ``"adamw"`` (what the user picked; peers that replace the
-            optimizer only run where it is ``"adamw"``).
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"`` (what the user picked; peers that
+            replace the optimizer only run where it is Adam or AdamW).
         lr, momentum, betas, weight_decay: the optimizer's hyper-parameters.
         steps: forward-backward passes every method gets (a rollback spends some on replays).
         warmup: linear LR warm-up steps (0: none).
@@ -81,6 +81,8 @@ class Problem:
         faults: injected fault windows as ``(first, last)`` data positions, inclusive.
         clean_batch: the same batches without the faults (``None``: ``batch`` has none); the
             clean twin run that recovery is measured against uses it.
+        units: the factor the training loss is multiplied by (:func:`in_units`); thresholds
+            tuned in the scenario's own units scale with it.
     """
 
     model: nn.Module
@@ -97,11 +99,14 @@ class Problem:
     decay: bool = False
     faults: tuple[tuple[int, int], ...] = ()
     clean_batch: Callable[[int], Batch] | None = None
+    units: float = 1.0
 
     def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The user's optimizer over ``params``."""
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=self.betas)
         return torch.optim.AdamW(
             params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
         )
@@ -129,11 +134,18 @@ class Scenario:
     """A named scenario: what it stresses, and how to build its problem for a seed.
 
     Attributes:
-        key: ``"S1"`` ... ``"S7"``.
+        key: ``"S1"`` ... ``"S7"``, ``"C1"`` ... ``"C8"`` (the clean suite), and a units variant
+            ``"S1x100"`` (:func:`in_units`).
         title: one line.
         setup: model, data, optimizer and faults in words.
         build: ``(seed, quick, lr) -> Problem`` (``lr`` is ``None`` except in an LR sweep).
         lrs: the swept learning rates ``(quick, full)``; empty for a single-setting scenario.
+        faulty: the scenario injects faults (its runs have a clean twin).
+        clean: a healthy, fault-free run: a guard should not skip, nor cost loss, here.
+        units: the loss is multiplied by this (1: the scenario as written).
+        base: the key of the scenario in its own units (itself when ``units`` is 1).
+        suite: ``"stress"`` (S1-S7 and their units variants: compared with a tuned clip) or
+            ``"clean"`` (C1-C8: compared with no clipping, no tuning grid).
     """
 
     key: str
@@ -141,16 +153,16 @@ class Scenario:
     setup: str
     build: Callable[[int, bool, float | None], Problem]
     lrs: tuple[tuple[float, ...], tuple[float, ...]] = field(default=((), ()))
+    faulty: bool = False
+    clean: bool = False
+    units: float = 1.0
+    base: str = ""
+    suite: str = "stress"
 
     @property
-    def faulty(self) -> bool:
-        """Whether the scenario injects faults (its runs have a clean twin)."""
-        return self.key in ("S4", "S5")
-
-    @property
-    def clean(self) -> bool:
-        """A healthy, fault-free run: a guard should not skip, nor cost loss, here."""
-        return self.key in ("S6", "S7")
+    def family(self) -> str:
+        """The key in the scenario's own units (``"S1"`` for ``"S1x100"``)."""
+        return self.base or self.key
 
     def settings(self, quick: bool) -> tuple[float | None, ...]:
         swept = self.lrs[0] if quick else self.lrs[1]
@@ -368,24 +380,75 @@ SCENARIOS: dict[str, Scenario] = {
             "tanh MLP 16-64-64-1 regressing sin(2 x.w), batch 32, AdamW lr 3e-3; the batch at "
             "position 2 has targets x1e3, the one at 70% of the run inputs x1e4",
             lambda seed, quick, lr: _regression(seed, quick, lr, "corrupt"),
+            faulty=True,
         ),
         Scenario(
             "S5",
             "a window of NaN batches",
             "the S4 model and optimizer; 5 consecutive batches at mid-run have NaN inputs",
             lambda seed, quick, lr: _regression(seed, quick, lr, "nan"),
+            faulty=True,
         ),
         Scenario(
             "S6",
             "a clean run (no fault)",
             f"{HEALTHY}; batch 16, lr 3e-3; nothing injected",
             lambda seed, quick, lr: _gpt(seed, quick, lr, batch=16, default_lr=3e-3, healthy=True),
+            clean=True,
         ),
         Scenario(
             "S7",
             "a healthy but noisy run (small batches)",
             f"{HEALTHY}; batch 2 (64 characters per step), lr 1e-3; nothing injected",
             lambda seed, quick, lr: _gpt(seed, quick, lr, batch=2, default_lr=1e-3, healthy=True),
+            clean=True,
         ),
     )
 }
+
+
+# -- units -------------------------------------------------------------------------------------
+
+UNITS = (100.0, 0.01)  # the units variants: the same training problem, the loss x100 and x0.01
+
+
+def in_units(scenario: Scenario, units: float) -> Scenario:
+    """``scenario`` with its training loss multiplied by ``units``: the same problem in other units.
+
+    SGD's learning rate is divided by ``units``, so that an unclipped run takes the same steps
+    (up to rounding); Adam and AdamW keep theirs (their step ignores the gradient's scale, up to
+    ``eps``). The held-out loss stays in the scenario's own units, so final losses compare across
+    units. What changes is every threshold in gradient units: a clip at 1.0 is 100 times tighter
+    at ``units=100`` and 100 times looser at ``units=0.01``.
+
+    Example:
+        >>> s = in_units(SCENARIOS["S1"], 100.0)
+        >>> s.key, s.build(0, True, None).lr
+        ('S1x100', 0.01)
+    """
+
+    def build(seed: int, quick: bool, lr: float | None) -> Problem:
+        problem = scenario.build(seed, quick, lr)
+        inner = problem.loss
+
+        def loss(model: nn.Module, batch: Batch) -> Tensor:
+            return inner(model, batch) * units
+
+        problem.loss = loss
+        problem.units = units
+        if problem.optimizer == "sgd":
+            problem.lr = problem.lr / units
+        return problem
+
+    return Scenario(
+        key=f"{scenario.key}x{units:g}",
+        title=f"{scenario.title}, loss x{units:g}",
+        setup=f"{scenario.setup}; the training loss x{units:g} (SGD's lr /{units:g})",
+        build=build,
+        lrs=scenario.lrs,
+        faulty=scenario.faulty,
+        clean=scenario.clean,
+        units=units,
+        base=scenario.key,
+        suite=scenario.suite,
+    )
