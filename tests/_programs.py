@@ -60,9 +60,9 @@ unless a streak of skips is under way, ``keep_snapshots`` are kept; a user's che
 ``add_param_group`` or cast starts them again from that moment: a rollback must never undo
 what the user did (read the live objects, do not remember copies). After a ``GuardAbort`` the
 model, optimizer, scheduler and scaler must be the restored snapshot's, or the state before the
-streak; the guard's counters are not compared, and only a checkpoint load goes on (on the
-framework path under a GradScaler nothing goes on: the framework unscaled and owns the
-scaler's step).
+streak, and usable (docs/guard.md: "catch GuardAbort and go on"; on the framework path too,
+where the framework unscaled before the abort); the guard's counters are not compared, and only
+a checkpoint load goes on.
 
 **Compared after every operation**, bitwise (``tests._matrix_util.assert_same``): parameters and
 buffers; ``optimizer.state_dict()`` (state and every param-group value, ``step`` included, up to
@@ -177,6 +177,9 @@ OPTIMIZERS: dict[str, Optim] = {
     "adamw": Optim(_torch(torch.optim.AdamW, weight_decay=0.1), 0.01, ALL3),
     "rmsprop": Optim(_torch(torch.optim.RMSprop, momentum=0.5), 0.01, ("plain", "foreach")),
     "adagrad": Optim(_torch(torch.optim.Adagrad), 0.05, ALL3),
+    "nadam": Optim(_torch(torch.optim.NAdam), 0.01, ("plain", "foreach")),
+    "radam": Optim(_torch(torch.optim.RAdam, weight_decay=0.01), 0.01, ("plain", "foreach")),
+    "adamax": Optim(_torch(torch.optim.Adamax), 0.01, ("plain", "foreach")),
     "lion": Optim(_po(po.Lion), 1e-3),
     "adan": Optim(_po(po.Adan), 1e-3),
     "prodigy": Optim(_po(po.Prodigy), 1.0),
@@ -693,7 +696,6 @@ class Program:
         self.twin = Twin(setup)
         self.unfrozen = self.double = False
         self.aborted = False  # after a GuardAbort only a checkpoint load goes on
-        self.finished = False  # nothing goes on
         self.steps = 0  # optimizer steps attempted (for the statistics)
         self.actions: list[str] = []
         self.guarded = Run.build(setup, setup.impl, False, False, Used())
@@ -965,9 +967,6 @@ class Program:
             return
         assert isinstance(outcome, GuardAbort), f"expected GuardAbort, got {outcome!r}"
         self.aborted = True
-        # On the framework path the framework unscaled and owns the scaler's step; after an
-        # abort it would not go on: neither does the program.
-        self.finished = self.setup.path == "framework" and self.guarded.scaler is not None
         if snap is not None:  # restored before raising; else the state before the streak
             self._back_to(snap)
 
@@ -1008,7 +1007,7 @@ class Program:
                 assert_same(keep(g.sched), keep(t.sched), "scheduler")
         if g.scaler is not None:
             assert_same(g.scaler.state_dict(), t.scaler.state_dict(), "scaler")
-        if g.scaler is not None and not self.finished:
+        if g.scaler is not None:
             assert _scaler_stages(g.scaler) == _scaler_stages(t.scaler), (
                 f"GradScaler stage {_scaler_stages(g.scaler)} {where}"
             )

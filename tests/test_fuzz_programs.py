@@ -149,13 +149,7 @@ class GuardedPrograms(RuleBasedStateMachine):
         assert self.program is not None
         self._do(self.program.save)
 
-    @precondition(
-        lambda self: (
-            self.program is not None
-            and bool(self.program.checkpoints)
-            and not self.program.finished
-        )
-    )
+    @precondition(lambda self: self.program is not None and bool(self.program.checkpoints))
     @rule(index=st.integers(0, 7), how=st.sampled_from(LOADS))
     def load(self, index: int, how: str) -> None:
         assert self.program is not None
@@ -235,9 +229,9 @@ def _report_tally() -> Iterator[None]:
 
 
 # --- the programs the machine found failing, pinned ---------------------------------------------
-# Each is a shrunk program the machine found failing on the Guard of 3e65ae5 (or, the last one,
-# of b468b33). Those the Guard of b5b85a0 still gets wrong are marked xfail(strict=True): remove
-# a marker when its fix lands (strict: a program that starts passing fails until it goes).
+# Each is a shrunk program the machine found failing on the Guard of 3e65ae5, b468b33 or
+# b5b85a0. Those the Guard of b5b85a0 still gets wrong are marked xfail(strict=True): remove a
+# marker when its fix lands (strict: a program that starts passing fails until it goes).
 
 
 def _known(reason: str) -> pytest.MarkDecorator:
@@ -261,6 +255,13 @@ FOUND: list[object] = [
                  id="framework-skip-gradscaler"),
     pytest.param(Setup(precision="fp16", skip_budget=1), "step nan; step nan",
                  id="abort-gradscaler"),
+    pytest.param(
+        Setup(precision="fp16", path="framework", skip_budget=1), "step nan; step nan",
+        id="framework-abort-gradscaler",
+        marks=_known("framework path: a GuardAbort raised by before_optimizer_step() after the "
+                     "framework's scaler.unscale_() leaves the scaler UNSCALED; the next step's "
+                     "unscale_() raises (docs/guard.md: the scaler is usable after an abort)"),
+    ),
     # A hand-written scheduler with step() only: refused with snapshots, guarded without.
     pytest.param(Setup(scheduler="custom", snapshot_every=2), "step",
                  id="hand-scheduler-snapshots"),
