@@ -28,7 +28,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -104,9 +104,9 @@ class GuardedPrograms(RuleBasedStateMachine):
 
     program: Program | None = None
 
-    def _do(self, fn: object, *args: object) -> None:
+    def _do(self, fn: Callable[..., object], *args: object) -> None:
         try:
-            fn(*args)  # type: ignore[operator]
+            fn(*args)
         except InvalidProgram:
             reject()  # plain PyTorch refuses it, or it diverged on clean data
 
