@@ -229,13 +229,7 @@ def _report_tally() -> Iterator[None]:
 
 
 # --- the programs the machine found failing, pinned ---------------------------------------------
-# Each is a shrunk program the machine found failing on the Guard of 3e65ae5, b468b33 or
-# b5b85a0. Those the Guard of b5b85a0 still gets wrong are marked xfail(strict=True): remove a
-# marker when its fix lands (strict: a program that starts passing fails until it goes).
-
-
-def _known(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
+# Each is a shrunk program the machine once found failing; each now passes and must keep passing.
 
 
 FOUND: list[object] = [
@@ -255,13 +249,9 @@ FOUND: list[object] = [
                  id="framework-skip-gradscaler"),
     pytest.param(Setup(precision="fp16", skip_budget=1), "step nan; step nan",
                  id="abort-gradscaler"),
-    pytest.param(
-        Setup(precision="fp16", path="framework", skip_budget=1), "step nan; step nan",
-        id="framework-abort-gradscaler",
-        marks=_known("framework path: a GuardAbort raised by before_optimizer_step() after the "
-                     "framework's scaler.unscale_() leaves the scaler UNSCALED; the next step's "
-                     "unscale_() raises (docs/guard.md: the scaler is usable after an abort)"),
-    ),
+    # A GuardAbort raised by before_optimizer_step() after the framework's scaler.unscale_().
+    pytest.param(Setup(precision="fp16", path="framework", skip_budget=1), "step nan; step nan",
+                 id="framework-abort-gradscaler"),
     # A hand-written scheduler with step() only: refused with snapshots, guarded without.
     pytest.param(Setup(scheduler="custom", snapshot_every=2), "step",
                  id="hand-scheduler-snapshots"),
@@ -273,13 +263,10 @@ FOUND: list[object] = [
     pytest.param(Setup(optimizer="adamw", sync="auto"),
                  "step; save; load 0 other-impl-guard-first; step",
                  id="resume-fused-from-non-fused-checkpoint"),
-    pytest.param(
-        Setup(impl="foreach", sync="auto", frozen=True),
-        "save; load 0 other-impl; unfreeze; step", id="fused-and-non-fused-groups",
-        marks=_known("one fused param group beside non-fused ones (a non-fused checkpoint "
-                     "loaded into a fused-built optimizer, then add_param_group): the guard "
-                     "takes the found_inf route and the non-fused group's step asserts"),
-    ),
+    # One fused param group beside non-fused ones (a non-fused checkpoint loaded into a
+    # fused-built optimizer, then add_param_group): the plain route, found_inf would assert.
+    pytest.param(Setup(impl="foreach", sync="auto", frozen=True),
+                 "save; load 0 other-impl; unfreeze; step", id="fused-and-non-fused-groups"),
     # Read, don't remember: what the user changed after the Guard was built (weights loaded,
     # a param group added, the model cast; a restore keeps the optimizer state's dtypes).
     pytest.param(Setup(batchnorm=True), "save; step; load 0 model-only; step nan",

@@ -224,10 +224,15 @@ def has_state(obj: Any) -> bool:
 
 
 def is_fused(optimizer: torch.optim.Optimizer) -> bool:
-    """The optimizer, as its parameter groups are now, steps in a fused kernel that skips on
-    ``found_inf`` (torch's fused Adam, AdamW and SGD)."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and any(
-        g.get("fused", False) for g in optimizer.param_groups
+    """The optimizer, as its parameter groups are now, steps every group in a fused kernel that
+    skips on ``found_inf`` (torch's fused Adam, AdamW and SGD)."""
+    # Every group: a non-fused group asserts that found_inf is unset (after a checkpoint
+    # that turned 'fused' off, an added group keeps the optimizer's own default).
+    groups = optimizer.param_groups
+    return (
+        bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        and bool(groups)
+        and all(g.get("fused", False) for g in groups)
     )
 
 

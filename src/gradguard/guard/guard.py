@@ -799,6 +799,19 @@ class Guard:
             self._noop_framework_step()
         return StepReport.dropped(self.step_count, self.position)
 
+    def _release_scaler(self, s: PendingStep) -> None:
+        """A step that ends without its scaler update (abandoned, aborted): its unscale_
+        record, this guard's or the framework's, must not outlive it, or the next unscale_()
+        raises. The scale and its growth stay as they were."""
+        scaler = self.scaler
+        if s.unscaled or (
+            scaler is not None
+            and scaler.is_enabled()
+            and _skip.scaler_unscaled(scaler, self.optimizer)
+        ):
+            _skip.scaler_update(scaler, True, sync=True)
+        s.unscaled = False
+
     def _own_load(self, load: Callable[..., Any], *args: Any) -> None:
         """A load the guard does itself: the snapshots still fit (not a user's checkpoint)."""
         stale = self.rollbacks.stale
@@ -819,8 +832,7 @@ class Guard:
                 self.counters.load_state_dict(s.saved_counters.state_dict())
                 self.lr_scale.scale = s.saved_scale
                 self.rollbacks.streak_start = s.saved_streak_start
-            if s.unscaled:  # the scaler's unscale_ record must not outlive the step
-                _skip.scaler_update(self.scaler, True, sync=True)
+            self._release_scaler(s)
             if self._history and self._history[-1] is s.row:
                 self._history.pop()
         if restore_buffers and self.config.keep_buffers:
@@ -911,9 +923,7 @@ class Guard:
         """Stop training: restore the last snapshot (or leave the pre-streak state), record the
         incident, leave every object usable, raise :class:`GuardAbort`."""
         self._undo_arming()
-        if s.unscaled:
-            _skip.scaler_update(self.scaler, True, sync=True)
-            s.unscaled = False
+        self._release_scaler(s)
         snap = self._agreed(self.rollbacks.streak_start) if self.snapshots.has() else None
         if snap is not None:
             self._restore(snap, full=False)
