@@ -403,7 +403,7 @@ NO_SCALAR_ARGS = {
     "save_snapshot", "set_rng_state", "to_cpu", "Diagnosis", "diagnose", "Guard", "StepReport",
     "GuardAbort", "ConsoleSink", "CsvSink", "NonFiniteOrigin", "NonFiniteTrace", "TensorState",
     "read_csv", "Stage", "Named", "Bundle", "BundleError", "load_bundle", "Replay", "replay",
-    "metrics", "WandbSink", "MlflowSink", "BundleSpec", "forward_rng_state",
+    "metrics", "WandbSink", "MlflowSink", "BundleSpec", "forward_rng_state", "is_event",
 }  # fmt: skip
 
 

@@ -58,8 +58,9 @@ class GuardConfig:
             directory that already holds snapshots is left untouched: call
             :meth:`Guard.resume` to continue that run; stepping without it raises.
         keep_snapshots: how many snapshots to keep.
-        skip_before, skip_after: widen the skipped window around the flagged batches on a
+        skip_before: widen a bad window by this many positions before the flagged batches on a
             rollback (PaLM skipped a few hundred batches around a spike).
+        skip_after: widen it by this many positions after them.
         norm_type: the norm measured and clipped.
         sync: ``"auto"`` (``"lazy"`` for fused optimizers, else ``"step"``), ``"step"`` (decide
             on the host every step) or ``"lazy"`` (fused optimizers only: no sync on a clean step).
@@ -73,6 +74,10 @@ class GuardConfig:
         incident_actions: the actions that write a bundle.
         incident_max: at most this many bundles per run.
         incident_history: the bundle keeps this many earlier step rows.
+
+    Example:
+        >>> config = GuardConfig(snapshot_every=100, budgets=Budgets(skip=4))
+        >>> guard = Guard(model, optimizer, config=config)
     """
 
     policy: ClipPolicy | None = None

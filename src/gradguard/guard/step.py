@@ -39,7 +39,12 @@ __all__ = ["PendingStep", "Phase", "Stage", "StepReport"]
 
 
 class Stage(enum.Enum):
-    """Which call a guard expects next (see :class:`gradguard.guard.guard.Guard`)."""
+    """Which call a guard expects next (see :class:`gradguard.guard.guard.Guard`).
+
+    Example:
+        >>> guard.before_optimizer_step(loss); guard.stage
+        <Stage.ARMED: 'armed'>
+    """
 
     READY = "ready"  # between optimizer steps
     ARMED = "armed"  # measured and decided (or handed to the device); the optimizer step is next
@@ -67,6 +72,16 @@ class StepReport:
         clipped_norm: post-clip total norm.
         threshold: the policy's threshold (``inf``: no clipping).
         finite: 0-dim bool, all gradients finite.
+
+    Args:
+        step, position, total_norm, clipped_norm, threshold, finite: as the attributes.
+        settle: reads the step's flags and decides it, when a host value is asked for.
+        verdict: the verdict, when it is known already.
+
+    Example:
+        >>> report = guard.step(loss)
+        >>> report.action, float(report.total_norm)
+        ('step', 0.84)
     """
 
     def __init__(
@@ -91,7 +106,14 @@ class StepReport:
 
     @classmethod
     def dropped(cls, step: int, position: int) -> StepReport:
-        """The report of a batch computed before a rollback: it is not applied."""
+        """The report of a batch computed before a rollback: it is not applied.
+
+        Args:
+            step, position: the guard's step and data position when the batch came.
+
+        Returns:
+            A settled report whose action is ``"rollback"``.
+        """
         v = Verdict(
             "rollback", reason="rolled back to a snapshot; this batch was computed before it"
         )
