@@ -262,7 +262,7 @@ def test_frequent_snapshots_inside_a_long_streak_still_allow_a_rollback():
     # Every step snapshotted and only two kept: snapshots due inside the streak are not taken,
     # so they cannot push out the one from before it.
     cfg = GuardConfig(detectors=[], snapshot_every=1, budgets=Budgets(skip=3))
-    guard, model, before = _run({5, 6, 7, 8}, 12, cfg)
+    guard, _, _ = _run({5, 6, 7, 8}, 12, cfg)
     rollback = _action(guard, "rollback")
     assert rollback["step"] == 8 and rollback["restored_step"] == 5
     assert guard.counters.rollbacks == 1

@@ -664,7 +664,7 @@ def test_guard_with_frozen_layers_and_no_gradient_at_all() -> None:
     assert report.action in ("step", "clip")
     m.zero_grad(set_to_none=True)
     steps = guard.step_count
-    with pytest.raises(ValueError, match="call loss.backward"):  # a forgotten backward
+    with pytest.raises(ValueError, match=r"call loss\.backward"):  # a forgotten backward
         guard.step(torch.tensor(1.0))
     assert guard.step_count == steps and guard.stage.value == "ready"
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
+import shutil
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +263,48 @@ def test_cli_runs_stability_alone():
     from gradguard.app.cli import main
 
     assert main(["lab", "stability", "chain", "--out", "/nonexistent-never-written"]) == 2
+
+
+# -- the published page ---------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_the_published_page_is_rendered_from_its_runs(tmp_path: Path):
+    # docs/stability.md is what render() writes from docs/stability-runs.json: no number by hand.
+    shutil.copy(DOCS / "stability-runs.json", tmp_path)
+    stability.render(tmp_path)
+    assert (tmp_path / "stability.md").read_text("utf-8") == (DOCS / "stability.md").read_text(
+        "utf-8"
+    )
+
+
+def _tables(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the Markdown tables after the paragraph starting with ``heading``."""
+    section = text.split(heading, 1)[1]
+    rows, seen = [], False
+    for line in section.splitlines():
+        if line.startswith("|"):
+            seen = True
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        elif seen:
+            break
+    return [r for r in rows[2:]]  # the header and the rule are not numbers of a run
+
+
+def test_the_guide_quotes_the_benchmark():
+    # Every decimal number in docs/guard.md's two benchmark tables (the first column names the
+    # run) is a number of docs/stability.md, rounded to the digits the guide shows.
+    bench = [
+        float(x) for x in re.findall(r"(?<![\w.])\d+\.\d+", (DOCS / "stability.md").read_text())
+    ]
+    guide = (DOCS / "guard.md").read_text("utf-8")
+    quoted = 0
+    for heading in ("**What it costs**", "**What it buys**"):
+        for row in _tables(guide, heading):
+            for token in re.findall(r"(?<![\w.])\d+\.\d+", " ".join(row[1:])):
+                digits = len(token.split(".")[1])
+                half = 0.5 * 10.0**-digits * (1 + 1e-9)  # 3.105 shows as 3.11 or 3.10
+                assert any(abs(b - float(token)) <= half for b in bench), token
+                quoted += 1
+    assert quoted > 50

@@ -695,7 +695,8 @@ def stress_rows(result: StabilityResult) -> list[list[str]]:
 
 RANK_COLUMNS = [
     "method", "stress rows run", "its mean rank", "defaults' mean rank on those rows",
-    "defaults ahead",
+    "defaults ahead", "fault/explosion rows", "its mean rank there", "defaults' there",
+    "defaults ahead there",
 ]  # fmt: skip
 
 
@@ -706,15 +707,22 @@ def rank_rows(result: StabilityResult) -> list[list[str]]:
     field_ = [DEFAULTS, *_others(result), "none"]
     field_ = [m for m in field_ if m in result.methods]
     per_row = {s: result.ranks(s, field_) for s in result.suite("stress")}
-    rows = []
-    for m in field_:
-        both = [r for r in per_row.values() if m in r and DEFAULTS in r]
+
+    def compare(m: str, rows: list[dict[str, float]]) -> list[str]:
+        both = [r for r in rows if m in r and DEFAULTS in r]
         if not both:
-            continue
+            return ["0", "-", "-", "-"]
         theirs = statistics.fmean(r[m] for r in both)
         ours = statistics.fmean(r[DEFAULTS] for r in both)
         ahead = "-" if m == DEFAULTS else ("yes" if ours < theirs else "NO")
-        rows.append([m, str(len(both)), f"{theirs:.2f}", f"{ours:.2f}", ahead])
+        return [str(len(both)), f"{theirs:.2f}", f"{ours:.2f}", ahead]
+
+    stressed = [r for s, r in per_row.items() if not SCENARIOS[s].clean]
+    rows = []
+    for m in field_:
+        every = compare(m, list(per_row.values()))
+        if every[0] != "0":
+            rows.append([m, *every, *compare(m, stressed)])
     return rows
 
 
@@ -766,6 +774,7 @@ def _goals(result: StabilityResult) -> list[str]:
     stress_fail = [s for s in stress if not result.verdict(s)[1]]
     ranks = {r[0]: r for r in rank_rows(result)}
     behind = [m for m, r in ranks.items() if r[4] == "NO" and m in PEERS]
+    behind_stressed = [m for m, r in ranks.items() if r[8] == "NO" and m in PEERS]
     clip1 = ranks.get("clip-1")
     lines = []
     if clean:
@@ -797,11 +806,17 @@ def _goals(result: StabilityResult) -> list[str]:
                     else "the defaults are behind " + ", ".join(behind)
                 )
                 + (
-                    f"; ahead of torch's clip at 1.0 ({clip1[3]} vs {clip1[2]})."
+                    f"; ahead of torch's clip at 1.0 ({clip1[3]} vs {clip1[2]})"
                     if clip1 and clip1[4] == "yes"
-                    else f"; NOT ahead of torch's clip at 1.0 ({clip1[3]} vs {clip1[2]})."
+                    else f"; NOT ahead of torch's clip at 1.0 ({clip1[3]} vs {clip1[2]})"
                     if clip1
-                    else "."
+                    else ""
+                )
+                + ". On the rows with a fault or an explosion (the clean S6 and S7 left out): "
+                + (
+                    "ahead of every peer."
+                    if not behind_stressed
+                    else "behind " + ", ".join(behind_stressed) + "."
                 )
             )
     return lines
