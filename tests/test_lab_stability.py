@@ -308,3 +308,21 @@ def test_the_guide_quotes_the_benchmark():
                 assert any(abs(b - float(token)) <= half for b in bench), token
                 quoted += 1
     assert quoted > 50
+
+
+def test_the_readme_quotes_the_benchmark():
+    # README's "what they cost and buy" says the numbers of docs/stability.md: the count of
+    # stress runs within noise, and what torch's clip at 1.0 costs the summed-loss MLP (C3).
+    page = (DOCS / "stability.md").read_text("utf-8")
+    readme = (DOCS.parent / "README.md").read_text("utf-8")
+    section = " ".join(readme.split("cost and buy", 1)[1].split("\n## ")[0].split())
+    n = re.search(r"within noise of the tuned clip on (\d+) of (\d+)", page)
+    assert n and f"per run on {n[1]} of {n[2]}" in section
+    c3 = next(ln for ln in page.splitlines() if ln.startswith("| C3 "))
+    cells = [c.strip() for c in c3.strip("|").split("|")]
+    none, clip1 = float(cells[1].split()[0]), float(cells[4])
+    quoted = re.search(r"\((\d+\.\d+) against (\d+\.\d+)\)", section)
+    assert quoted, "README must quote C3's clip-1 and no-clipping losses"
+    for token, value in zip(quoted.groups(), (clip1, none), strict=True):
+        half = 0.5 * 10.0 ** -len(token.split(".")[1]) * (1 + 1e-9)
+        assert abs(float(token) - value) <= half, (token, value)
