@@ -28,10 +28,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from benchmarks import markdown_table
 from benchmarks.models import Case, cases
+from gradguard.core.fuse import Kernel
 
 TARGET_EXTRA = 25
 MODEL = "forward, backward, zero_grad"
@@ -153,6 +154,39 @@ class Instrument:
                 self.wrap_functions(module)
         self.wrap_object(guard, "guard (own code)", private=True)
         self.optimizer(guard.optimizer)
+        self.kernels()
+
+    def kernels(self) -> None:
+        """Count each call of a compiled kernel (gradguard.core.fuse) as one op.
+
+        A dispatch mode cannot see inside compiled code, and ``torch.compile`` does not run
+        under one: the compiled call runs with the counter paused and counts once, as it is one
+        fused kernel (on a GPU, one launch, plus one for a median, which inductor leaves to
+        aten). Eager kernels are counted op by op as everything else."""
+        seen: set[int] = set()
+        for name, module in list(sys.modules.items()):
+            if not name.startswith(PACKAGES) or module is None:
+                continue
+            for k in list(vars(module).values()):
+                if not isinstance(k, Kernel) or id(k) in seen or k._compiled is None:
+                    continue
+                seen.add(id(k))
+                label = f"{module_component(k.fn.__module__)}: compiled {k.fn.__name__}"
+                k._compiled = self._paused(label, k._compiled)
+                self._undo.append(
+                    functools.partial(setattr, k, "_compiled", k._compiled.__wrapped__)
+                )
+
+    def _paused(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        counts = self.counter.counts
+
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            counts[label] += 1
+            with _disable_current_modes():
+                return fn(*args)
+
+        return call
 
     def optimizer(self, opt: torch.optim.Optimizer) -> None:
         labels = self.counter.labels

@@ -12,7 +12,8 @@ benchmark (time per step, aten ops per step, heap growth) runs the same steps:
 
 A step is what a training loop runs: forward, backward, then either ``clip_grad_norm_(params,
 1.0)`` and ``optimizer.step()`` (``"torch clip"``), ``optimizer.step()`` alone (``"plain"``) or
-``guard.step(loss)`` with the defaults (``"guard"``), then ``zero_grad(set_to_none=True)``.
+``guard.step(loss)`` with the defaults (``"guard"``: eager, as on a CPU; ``"guard compiled"``:
+their arithmetic compiled, as on CUDA), then ``zero_grad(set_to_none=True)``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gradguard import Guard
+from gradguard import Guard, GuardConfig
 
-VARIANTS = ("plain", "torch clip", "guard")
+VARIANTS = ("plain", "torch clip", "guard", "guard compiled")
+
+
+def guard_for(variant: str, model: nn.Module, opt: torch.optim.Optimizer) -> Guard | None:
+    """The guard of ``variant``: the defaults, compiled or not; ``None`` for the others."""
+    if variant == "guard":
+        return Guard(model, opt, config=GuardConfig(compile=False))  # eager on any device
+    if variant == "guard compiled":
+        return Guard(model, opt, config=GuardConfig(compile=True))
+    return None
 
 
 def mlp(width: int, depth: int = 20, inputs: int = 16) -> nn.Module:
@@ -127,10 +137,11 @@ class Case:
     loss: Callable[[nn.Module], Tensor]
 
     def build(self, variant: str) -> tuple[nn.Module, torch.optim.Optimizer, Guard | None]:
-        """A fresh model, its optimizer and, for ``"guard"``, a ``Guard`` with the defaults."""
+        """A fresh model, its optimizer and, for ``"guard"``, a ``Guard`` with the defaults
+        (``"guard compiled"``: their arithmetic compiled, ``GuardConfig(compile=True)``)."""
         model = self.model()
         opt = self.optimizer(model)
-        return model, opt, Guard(model, opt) if variant == "guard" else None
+        return model, opt, guard_for(variant, model, opt)
 
     def step_fn(
         self,
@@ -163,8 +174,7 @@ class Case:
         for variant in VARIANTS:
             model = copy.deepcopy(base)
             opt = self.optimizer(model)
-            guard = Guard(model, opt) if variant == "guard" else None
-            out[variant] = self.step_fn(variant, model, opt, guard)
+            out[variant] = self.step_fn(variant, model, opt, guard_for(variant, model, opt))
         return out
 
 

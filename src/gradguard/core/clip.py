@@ -45,6 +45,7 @@ from gradguard.core.foreach import (
     mul_each_,
     use_foreach,
 )
+from gradguard.core.fuse import Kernel
 from gradguard.core.norms import (
     GradNorms,
     _measure,
@@ -407,6 +408,7 @@ def clip_with_norms_(
     norm_type: float = 2.0,
     foreach: bool | None = None,
     scale_free: bool = False,
+    fuse: bool | None = False,
 ) -> Clipped:
     """Clip the total norm of ``grads`` to ``threshold`` in place, given their measured norms.
 
@@ -426,6 +428,8 @@ def clip_with_norms_(
         foreach: torch's flag.
         scale_free: the factor without torch's ``1e-6`` (for thresholds relative to the run's
             own norms: the clip is then exactly equivariant to the loss's scale).
+        fuse: compile the scale-free factor's arithmetic into one kernel
+            (:class:`gradguard.core.fuse.Kernel`; the same result, bit for bit).
 
     Returns:
         :class:`Clipped`; ``learn`` is the post-clip total.
@@ -444,14 +448,23 @@ def clip_with_norms_(
     else:
         limit = torch.full((), _validate.as_float("threshold", threshold), device=total.device)
     if scale_free:
-        coef = ratio_coefficient(limit, total, norms.finite)
+        coef, clipped, after = _RATIO_CLIP(fuse, limit, total, norms.finite)
     else:
         coef = clip_coefficient(limit, total, "skip", finite=norms.finite)
+        clipped, after = coef < 1.0, total * coef
     if grads:
         mul_(grads, coef, foreach)
+    return Clipped(limit.float(), clipped, after.float(), after)
+
+
+def _ratio_clip(limit: Tensor, total: Tensor, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The scale-free factor, whether it clips, and the post-clip total."""
+    coef = ratio_coefficient(limit, total, finite)
     # The p-norm is homogeneous: scaling every gradient by coef scales the total by coef.
-    after = total * coef
-    return Clipped(limit.float(), coef < 1.0, after.float(), after)
+    return coef, coef < 1.0, total * coef
+
+
+_RATIO_CLIP = Kernel(_ratio_clip)
 
 
 @torch.no_grad()

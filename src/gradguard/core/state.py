@@ -107,6 +107,8 @@ def as_bool(accepted: Tensor | bool, device: torch.device) -> Tensor:
     """``accepted`` as a 0-dim bool tensor on ``device`` (a Python bool is filled there)."""
     if isinstance(accepted, bool):
         return torch.full((), accepted, dtype=torch.bool, device=device)
+    if accepted.ndim == 0 and accepted.dtype == torch.bool and accepted.device == device:
+        return accepted  # the guard's own flag: no op
     return accepted.to(device=device, dtype=torch.bool).reshape(())
 
 
@@ -190,6 +192,11 @@ class Stateful:
     """
 
     _config_keys: ClassVar[tuple[str, ...]] = ()
+
+    # Whether the per-step arithmetic runs as compiled kernels (gradguard.core.fuse.Mode): a
+    # run-time choice of the one who runs it (a Guard sets its config's ``compile``), not part
+    # of the config or the state: the decisions are the same either way, bit for bit.
+    fuse: bool | None = False
 
     def __init__(self) -> None:
         self._state: dict[str, Tensor] = {}

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.core import validate as _validate
+from gradguard.core.fuse import Kernel
 from gradguard.core.norms import tensor_norms
 from gradguard.core.state import Spec, Stateful, as_bool, as_int, check_keys, fraction, stack
 
@@ -334,13 +335,43 @@ def _loss(s: Signals) -> Tensor | None:
             f"Signals.loss must be a single value, got shape {tuple(s.loss.shape)} "
             "(reduce a per-sample loss first)"
         )
-    return s.loss.detach().reshape(()).to(s.total_norm.device, torch.float32)
+    loss, device = s.loss, s.total_norm.device
+    if loss.ndim == 0 and loss.dtype == torch.float32 and loss.device == device:
+        return loss.detach() if loss.requires_grad else loss  # the guard's own: no op
+    return loss.detach().reshape(()).to(device, torch.float32)
 
 
-def _step_ok(s: Signals, x: Tensor) -> Tensor:
-    """The whole step is finite: the loss ``x``, every gradient and the total norm."""
-    device = x.device
-    return x.isfinite() & s.finite.to(device, torch.bool) & s.total_norm.to(device).isfinite()
+def _ratio_check(
+    x: Tensor, history: Tensor, count: Tensor, streak: Tensor, ratio: float, patience: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:class:`RatioSpikeDetector`'s rule: whether ``x`` is above ``ratio`` times the largest
+    stored value (from two stored on), that largest, the flag (the first ``patience`` steps in a
+    row above) and the score ``x / largest``."""
+    top = torch.where(history.isnan(), -math.inf, history).amax()
+    ready = (count >= 2) & x.isfinite() & (top > 0)
+    above = ready & (x > ratio * top)
+    return above, top, above & (streak < patience), torch.where(ready, x / top, 0.0)
+
+
+def _ratio_learn(
+    x: Tensor, grads_finite: Tensor, total_norm: Tensor, accepted: Tensor, above: Tensor,
+    top: Tensor, history: Tensor, count: Tensor, streak: Tensor, ratio: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """:class:`RatioSpikeDetector`'s history, count and streak after a step with loss ``x``."""
+    finite = x.isfinite() & grads_finite & total_norm.isfinite()  # the whole step
+    ok = accepted & finite & (x > 0)
+    value = torch.where(above, ratio * top, x)  # min(x, ratio * max), without a NaN
+    slot = torch.arange(history.shape[0], device=x.device) == count % history.shape[0]
+    # A non-finite step is no evidence either way: the streak waits for the next finite one.
+    return (
+        torch.where(slot & ok, value, history),
+        count + ok.to(torch.int64),
+        torch.where(finite, torch.where(above, streak + 1, 0), streak),
+    )
+
+
+_RATIO_CHECK = Kernel(_ratio_check)
+_RATIO_LEARN = Kernel(_ratio_learn)
 
 
 class RatioSpikeDetector(Detector):
@@ -386,7 +417,7 @@ class RatioSpikeDetector(Detector):
     name: ClassVar[str] = "spike"
     signal: ClassVar[str] = "loss"
     _config_keys = ("ratio", "window", "patience")
-    _last: tuple[Signals, Tensor, Tensor] | None = None  # check()'s rule and max, for update()
+    _last: tuple[Signals, Tensor, Tensor, Tensor] | None = None  # check()'s, for update()
 
     def __init__(self, ratio: float = 10.0, window: int = 128, patience: int = 1) -> None:
         super().__init__()
@@ -415,42 +446,35 @@ class RatioSpikeDetector(Detector):
             "streak": torch.zeros((), dtype=torch.int64, device=like.device),
         }
 
-    def _rule(self, x: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Whether ``x`` is above the bar, and the history's maximum (``-inf`` when empty)."""
-        h = st["history"]
-        top = torch.where(h.isnan(), -math.inf, h).amax()
-        above = (st["count"] >= 2) & x.isfinite() & (top > 0) & (x > self.ratio * top)
-        return above, top
+    def _rule(self, x: Tensor, st: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``_ratio_check`` on the state, compiled or not as ``fuse`` says."""
+        return _RATIO_CHECK(self.fuse, x, st["history"], st["count"], st["streak"], self.ratio,
+                            self.patience)  # fmt: skip
 
     def check(self, s: Signals) -> Detection:
         x = _loss(s)
         if x is None:
             return _no(s.total_norm.device)
-        st = self._ensure(x)
-        above, top = self._rule(x, st)
-        self._last = (s, above, top)
-        score = torch.where((st["count"] >= 2) & (top > 0) & x.isfinite(), x / top, 0.0)
-        return Detection(above & (st["streak"] < self.patience), score)
+        above, top, flag, score = self._rule(x, self._ensure(x))
+        self._last = (s, x, above, top)
+        return Detection(flag, score)
 
     def update(self, s: Signals, accepted: Tensor) -> None:
-        x = _loss(s)
-        if x is None:
-            return
+        cached, self._last = self._last, None
+        if cached is not None and cached[0] is s:  # check() saw these signals: reuse its rule
+            x, above, top = cached[1:]
+        else:
+            loss = _loss(s)
+            if loss is None:
+                return
+            x = loss
+            above, top = self._rule(x, self._ensure(x))[:2]
         st = self._ensure(x)
-        cached = self._last
-        above, top = (
-            (cached[1], cached[2]) if cached is not None and cached[0] is s else self._rule(x, st)
-        )
-        self._last = None
-        finite = _step_ok(s, x)
-        ok = as_bool(accepted, x.device) & finite & (x > 0)
-        value = torch.where(above, self.ratio * top, x)  # min(x, ratio * max), without a NaN
-        slot = torch.arange(self.window, device=x.device) == st["count"] % self.window
-        st["history"] = torch.where(slot & ok, value, st["history"])
-        st["count"] = st["count"] + ok.to(torch.int64)
-        # A non-finite step is no evidence either way: the streak waits for the next finite one.
-        streak = st["streak"]
-        st["streak"] = torch.where(finite, torch.where(above, streak + 1, 0), streak)
+        st["history"], st["count"], st["streak"] = _RATIO_LEARN(
+            self.fuse, x, s.finite.to(x.device), s.total_norm.to(x.device),
+            as_bool(accepted, x.device), above, top, st["history"], st["count"], st["streak"],
+            self.ratio,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return (
@@ -460,6 +484,78 @@ class RatioSpikeDetector(Detector):
 
 
 _DIVERGENCE_STATS = ("ema", "best", "last", "dmean", "dvar")
+
+
+_DIVERGENCE_STATE = ("anchor", *_DIVERGENCE_STATS, "count", "wait", "fires")
+
+
+def _divergence_ratio(loss: Tensor, anchor: Tensor) -> Tensor:
+    """``loss / anchor``, 1 before the anchor is set (its log is taken eagerly)."""
+    return torch.where(anchor > 0, loss / torch.where(anchor > 0, anchor, 1.0), 1.0)
+
+
+def _divergence_flag(
+    x: Tensor, loss: Tensor, grads_finite: Tensor, total_norm: Tensor, ema: Tensor,
+    best: Tensor, dvar: Tensor, count: Tensor, wait: Tensor, warmup: int, beta: float,
+    noise: float, log_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """:class:`DivergenceDetector`'s flag, the average's rise over its best (0 before the first
+    accepted loss), and whether the step takes part (a positive loss, the whole step finite)."""
+    ok = x.isfinite() & loss.isfinite() & grads_finite & total_norm.isfinite() & (loss > 0)
+    ready = (count >= warmup) & (wait == 0)
+    # The EMA's own deviation: a difference of two independent values has twice the variance
+    # of one, and an EMA averages about (1 + beta) / (1 - beta) of them.
+    spread = (dvar * (0.5 * (1.0 - beta) / (1.0 + beta))).sqrt()
+    margin = (noise * spread).clamp(min=log_ratio)
+    gap = ema - best
+    # The score is exp(gap) (taken eagerly), 1 before the first accepted loss.
+    return ready & ok & (gap > margin), torch.where(count > 0, gap, 0.0), ok
+
+
+def _divergence_learn(
+    x: Tensor, ok: Tensor, loss: Tensor, accepted: Tensor, fired: Tensor,
+    anchor: Tensor, ema: Tensor, best: Tensor, last: Tensor, dmean: Tensor, dvar: Tensor,
+    count: Tensor, wait: Tensor, fires: Tensor,
+    beta: float, warmup: int, cooldown: int, log_clip: float, memory: float,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """:class:`DivergenceDetector`'s state (``_DIVERGENCE_STATE`` order) after a step whose
+    ``log(loss / anchor)`` is ``x``."""
+    learn = accepted & ok
+    first = count == 0
+    # The first accepted loss is the anchor: log(loss / anchor) is 0 there.
+    new_anchor = torch.where(learn & first, loss, anchor)
+    x = torch.where(first, 0.0, x)
+    x_in = torch.where(first, x, torch.minimum(x, ema + log_clip))
+    x_in = torch.where(learn, x_in, ema)  # NaN never reaches the arithmetic's result
+    # During warm-up the average is the plain mean of the values so far (as ZClip warms up):
+    # an EMA started at the first value would keep a lucky first loss for many steps.
+    w_ema = torch.where(count < warmup, (count + 1).to(torch.float32).reciprocal(), 1.0 - beta)
+    new_ema = ema + w_ema * (x_in - ema)
+    d = x_in - last
+    w = torch.where(count == 1, 1.0, 1.0 - beta)  # the first difference sets the mean
+    new_dmean = dmean + w * (d - dmean)
+    new_dvar = (1.0 - w) * (dvar + w * (d - dmean) * (d - dmean))
+    leaky = torch.where(new_ema < best, new_ema, best + (1.0 - memory) * (new_ema - best))
+    # The best is the lowest settled average: it follows the average through the warm-up.
+    new_best = torch.where(count < warmup, new_ema, leaky)
+    keep = ~learn | first
+    return (
+        new_anchor,
+        torch.where(learn, new_ema, ema),
+        # A flag re-baselines: the next back-off needs a further rise.
+        torch.where(fired, ema, torch.where(learn, new_best, best)),
+        torch.where(learn, x_in, last),
+        torch.where(keep, dmean, new_dmean),
+        torch.where(keep, dvar, new_dvar),
+        count + learn.to(torch.int64),
+        torch.where(fired, cooldown, torch.where(ok, (wait - 1).clamp(min=0), wait)),
+        fires + fired.to(torch.int64),
+    )
+
+
+_DIVERGENCE_RATIO = Kernel(_divergence_ratio)
+_DIVERGENCE_FLAG = Kernel(_divergence_flag)
+_DIVERGENCE_LEARN = Kernel(_divergence_learn)
 
 
 class DivergenceDetector(Detector):
@@ -525,7 +621,7 @@ class DivergenceDetector(Detector):
     """
 
     name: ClassVar[str] = "divergence"
-    _last_flag: tuple[Signals, Tensor] | None = None  # check()'s flag, for update() (a cache)
+    _last: tuple[Signals, tuple[Tensor, ...]] | None = None  # check()'s, for update()
     default_response: ClassVar[tuple[str, ...] | None] = ("backoff",)
     signal: ClassVar[str] = "loss"
     _config_keys = ("ratio", "beta", "warmup", "cooldown", "clip", "noise", "memory")
@@ -582,82 +678,42 @@ class DivergenceDetector(Detector):
             )
         return {}
 
-    def _value(self, s: Signals) -> tuple[Tensor, Tensor] | None:
-        """``log(loss / anchor)`` (0 for the first loss) and whether the step takes part: a
-        positive loss, and the whole step finite."""
+    def _measure(self, s: Signals) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+        """The loss, ``x = log(loss / anchor)`` (0 for the first loss), whether the step takes
+        part, the flag and the average's rise over its best; ``None`` without a loss."""
         loss = _loss(s)
         if loss is None:
             return None
         st = self._ensure(loss)
-        anchor = st["anchor"]
-        ratio = torch.where(anchor > 0, loss / torch.where(anchor > 0, anchor, 1.0), 1.0)
-        x = ratio.log()
-        return x, _step_ok(s, loss) & (loss > 0) & x.isfinite()
-
-    def _flag(self, st: dict[str, Tensor], ok: Tensor) -> Tensor:
-        ready = (st["count"] >= self.warmup) & (st["wait"] == 0)
-        # The EMA's own deviation: a difference of two independent values has twice the
-        # variance of one, and an EMA averages about (1 + beta) / (1 - beta) of them.
-        spread = (st["dvar"] * (0.5 * (1.0 - self.beta) / (1.0 + self.beta))).sqrt()
-        margin = (self.noise * spread).clamp(min=math.log(self.ratio))
-        return ready & ok & (st["ema"] - st["best"] > margin)
+        # log outside the kernels: compiled, it may differ from eager in the last bit.
+        x = _DIVERGENCE_RATIO(self.fuse, loss, st["anchor"]).log()
+        flag, gap, ok = _DIVERGENCE_FLAG(
+            self.fuse, x, loss, s.finite.to(x.device), s.total_norm.to(x.device), st["ema"],
+            st["best"], st["dvar"], st["count"], st["wait"], self.warmup, self.beta, self.noise,
+            math.log(self.ratio),
+        )  # fmt: skip
+        return loss, x, ok, flag, gap
 
     def check(self, s: Signals) -> Detection:
-        v = self._value(s)
-        if v is None:
+        m = self._measure(s)
+        if m is None:
             return _no(s.total_norm.device)
-        x, ok = v
-        st = self._ensure(x)
-        score = torch.where(st["count"] > 0, (st["ema"] - st["best"]).exp(), 1.0)
-        flag = self._flag(st, ok)
-        self._last_flag = (s, flag)  # update() on the same signals reuses it
-        return Detection(flag, score.to(torch.float32))
+        self._last = (s, m)  # update() on the same signals reuses it
+        return Detection(m[3], m[4].exp())  # exp outside the kernels, as log
 
     def update(self, s: Signals, accepted: Tensor) -> None:
-        v = self._value(s)
-        if v is None:
+        cached, self._last = self._last, None
+        m = cached[1] if cached is not None and cached[0] is s else self._measure(s)
+        if m is None:
             return
-        x, ok = v
-        st = self._ensure(x)
-        ema, best, last, count, wait = st["ema"], st["best"], st["last"], st["count"], st["wait"]
-        dmean, dvar = st["dmean"], st["dvar"]
-        cached = self._last_flag
-        fired = cached[1] if cached is not None and cached[0] is s else self._flag(st, ok)
-        self._last_flag = None
-        learn = as_bool(accepted, x.device) & ok
-        first = count == 0
-        # The first accepted loss is the anchor: log(loss / anchor) is 0 there.
-        loss = _loss(s)
-        assert loss is not None  # _value returned a value
-        st["anchor"] = torch.where(learn & first, loss, st["anchor"])
-        x = torch.where(first, 0.0, x)
-        x_in = torch.where(first, x, torch.minimum(x, ema + math.log(self.clip)))
-        x_in = torch.where(learn, x_in, ema)  # NaN never reaches the arithmetic's result
-        # During warm-up the average is the plain mean of the values so far (as ZClip warms
-        # up): an EMA started at the first value would keep a lucky first loss for many steps.
-        w_ema = torch.where(
-            count < self.warmup, (count + 1).to(torch.float32).reciprocal(), 1.0 - self.beta
-        )
-        new_ema = ema + w_ema * (x_in - ema)
-        d = x_in - last
-        w = torch.where(count == 1, 1.0, 1.0 - self.beta)  # the first difference sets the mean
-        new_dmean = dmean + w * (d - dmean)
-        new_dvar = (1.0 - w) * (dvar + w * (d - dmean) * (d - dmean))
-        leaky = torch.where(new_ema < best, new_ema, best + (1.0 - self.memory) * (new_ema - best))
-        # The best is the lowest settled average: it follows the average through the warm-up.
-        new_best = torch.where(count < self.warmup, new_ema, leaky)
-        # A flag re-baselines: the next back-off needs a further rise.
-        st["best"] = torch.where(fired, ema, torch.where(learn, new_best, best))
-        st["ema"] = torch.where(learn, new_ema, ema)
-        st["last"] = torch.where(learn, x_in, last)
-        keep = ~learn | first
-        st["dmean"] = torch.where(keep, dmean, new_dmean)
-        st["dvar"] = torch.where(keep, dvar, new_dvar)
-        st["count"] = count + learn.to(torch.int64)
-        st["wait"] = torch.where(
-            fired, self.cooldown, torch.where(ok, (wait - 1).clamp(min=0), wait)
-        )
-        st["fires"] = st["fires"] + fired.to(torch.int64)
+        loss, x, ok, fired, _ = m
+        st = self._ensure(loss)
+        new = _DIVERGENCE_LEARN(
+            self.fuse, x, ok, loss, as_bool(accepted, x.device), fired,
+            *(st[k] for k in _DIVERGENCE_STATE),
+            self.beta, self.warmup, self.cooldown, math.log(self.clip), self.memory,
+        )  # fmt: skip
+        st.update(zip(_DIVERGENCE_STATE, new, strict=True))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. A state saved before the anchor existed (development

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from gradguard.core import validate as _validate
 from gradguard.core.agc import Exclusion, agc_
 from gradguard.core.clip import Clipped, clip_each_with_norms_, clip_with_norms_
+from gradguard.core.fuse import Kernel
 from gradguard.core.norms import GradNorms, grad_norms
 from gradguard.core.state import (
     Spec,
@@ -270,6 +271,33 @@ class QuantileClip(ClipPolicy):
         )
 
 
+def _median_limit(history: Tensor, count: Tensor, factor: float) -> tuple[Tensor, Tensor]:
+    """The median of the stored norms (the lower one of an even count: a selection, exact) and
+    ``factor * median``, or ``+inf`` before the first stored norm; in the statistics' dtype."""
+    median = history.nanmedian()  # NaN while empty
+    return median, torch.where(count > 0, factor * median, math.inf)
+
+
+def _median_learn(
+    history: Tensor, count: Tensor, g: Tensor, accepted: Tensor, median: Tensor, limit: Tensor,
+    factor: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The history and count after the norm ``g`` of a step (stored when ``accepted``, finite
+    and nonzero)."""
+    ok = accepted & g.isfinite() & (g > 0)
+    # A norm far above the threshold is an explosion: it stores the median, not the threshold,
+    # so a run of them cannot lift the threshold (before the first store the threshold is inf
+    # and the norm itself is stored).
+    value = torch.where(g > factor * limit, median, torch.minimum(g, limit))
+    slot = torch.arange(history.shape[0], device=history.device) == count % history.shape[0]
+    return torch.where(slot & ok, value, history), count + ok.to(torch.int64)
+
+
+# MedianClip's arithmetic, fused when its ``fuse`` mode says so (gradguard.core.fuse).
+_MEDIAN_LIMIT = Kernel(_median_limit)
+_MEDIAN_LEARN = Kernel(_median_learn)
+
+
 class MedianClip(ClipPolicy):
     """Clip the total norm to ``factor`` times the median of the run's own recent norms: a
     threshold with no unit, the default policy.
@@ -344,10 +372,7 @@ class MedianClip(ClipPolicy):
         }
 
     def _limit(self, st: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The median (the lower one of an even count: a selection, exact) and ``factor *
-        median``, or ``+inf`` before the first stored norm; in the statistics' dtype."""
-        median = st["history"].nanmedian()  # NaN while empty
-        return median, torch.where(st["count"] > 0, self.factor * median, math.inf)
+        return _MEDIAN_LIMIT(self.fuse, st["history"], st["count"], self.factor)
 
     def threshold(self, norms: GradNorms) -> Tensor:
         st = self._ensure(norms.total)
@@ -368,8 +393,9 @@ class MedianClip(ClipPolicy):
         (:func:`gradguard.core.clip.ratio_coefficient`); otherwise as :meth:`ClipPolicy.clip_`."""
         limit = self.threshold(norms)
         return clip_with_norms_(
-            grads, limit, norms, norm_type=norm_type, foreach=foreach, scale_free=True
-        )
+            grads, limit, norms, norm_type=norm_type, foreach=foreach, scale_free=True,
+            fuse=self.fuse,
+        )  # fmt: skip
 
     def update(self, norms: GradNorms, clipped: Tensor | list[Tensor], accepted: Tensor) -> None:
         """Store ``min(norm, threshold)`` of an accepted finite step with a nonzero norm;
@@ -384,14 +410,10 @@ class MedianClip(ClipPolicy):
             (cached[1], cached[2]) if cached is not None and cached[0] is norms else self._limit(st)
         )
         self._last_limit = None
-        ok = as_bool(accepted, history.device) & g.isfinite() & (g > 0)
-        # A norm far above the threshold is an explosion: it stores the median, not the
-        # threshold, so a run of them cannot lift the threshold (before the first store the
-        # threshold is inf and the norm itself is stored).
-        value = torch.where(g > self.factor * limit, median, torch.minimum(g, limit))
-        slot = torch.arange(self.window, device=history.device) == count % self.window
-        st["history"] = torch.where(slot & ok, value, history)
-        st["count"] = count + ok.to(torch.int64)
+        st["history"], st["count"] = _MEDIAN_LEARN(
+            self.fuse, history, count, g, as_bool(accepted, history.device), median, limit,
+            self.factor,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"MedianClip(factor={self.factor}, window={self.window})"

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from gradguard.core import validate as _validate
+from gradguard.core.fuse import check_mode
 from gradguard.decide.detect import Detector, NonFiniteDetector
 from gradguard.decide.policies import ClipPolicy
 from gradguard.guard.response import DEFAULT_LADDER, Budgets, check_ladder
@@ -67,6 +68,11 @@ class GuardConfig:
         record_layers: put per-parameter gradient norms in each step row.
         flush_every: steps between record flushes (for the default recorder).
         foreach: torch's foreach flag for norms and clipping.
+        compile: run the policy's and the detectors' per-step arithmetic as compiled kernels
+            (``torch.compile``, one fused kernel per rule instead of a dozen tiny ones):
+            ``None`` on CUDA only (where each tiny kernel is a launch), ``True`` on any device,
+            ``False`` never. The decisions are the same, bit for bit; the first guarded step
+            of a process compiles (seconds), and a compiler failure falls back to eager.
         keep_buffers: put module buffers (BatchNorm running statistics) back on a skipped step.
         incident_dir: write an incident bundle there for each incident whose action is in
             ``incident_actions`` (``None``: none), replayable with :func:`gradguard.replay`
@@ -96,6 +102,7 @@ class GuardConfig:
     record_layers: bool = True
     flush_every: int = 50
     foreach: bool | None = None
+    compile: bool | None = None
     keep_buffers: bool = True
     incident_dir: str | None = None
     incident_actions: tuple[str, ...] = ("skip", "rollback", "abort")
@@ -135,6 +142,7 @@ class GuardConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
         _validate.foreach_flag(self.foreach)
+        check_mode("compile", self.compile)
         if self.incident_dir is not None and not isinstance(self.incident_dir, (str, os.PathLike)):
             raise TypeError("incident_dir must be a path or None")
         self.incident_actions = tuple(self.incident_actions)

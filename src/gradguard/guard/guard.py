@@ -229,10 +229,13 @@ class Guard:
         nonfinite = [d for d in detectors if isinstance(d, NonFiniteDetector)]
         self.nonfinite_rule: NonFiniteDetector | None = nonfinite[0] if nonfinite else None
         self.detectors = [d for d in detectors if not isinstance(d, NonFiniteDetector)]
+        for decider in (self.policy, *detectors):  # their arithmetic, compiled or eager
+            decider.fuse = config.compile
         c = config
         self.responder = Responder(
             self.detectors, c.responses, c.default_response, c.budgets, c.backoff_factor
         )
+        self.responder.fuse = c.compile
         self.rollbacks = Rollbacks(
             c.snapshot_every, c.snapshot_dir, c.keep_snapshots, c.skip_before, c.skip_after
         )

@@ -95,21 +95,13 @@ def measure(
         else torch.ones((), dtype=torch.bool, device=device)
     )
     signals = Signals(step, total, norms.per_tensor, names, grads_ok, loss)
-    if nonfinite_rule is not None:
-        bad = nonfinite_rule.check(signals).flag.to(device)
-    else:
-        bad = ~(grads_ok & loss_ok)
-    # Under AMP, non-finite gradients are the loss scale's overflow, not an incident.
-    amp_overflow = ~grads_ok if amp else torch.zeros_like(grads_ok)
-    nonfinite = (~loss_ok | (bad & grads_ok)) if amp else bad
+    bad = None if nonfinite_rule is None else nonfinite_rule.check(signals).flag.to(device)
     detections = [d.check(signals) for d in detectors]
     clip = policy.clip_(grads, norms, model, norm_type=norm_type, foreach=foreach)
-    quiet = ~amp_overflow  # a loss-scale overflow is no spike
-    detected = [d.flag.to(device) & quiet for d in detections]
-    flags = responder.flags(clip.clipped, amp_overflow, nonfinite, detected)
+    detected = [d.flag.to(device) for d in detections]
+    flags, amp_overflow = responder.flags(clip.clipped, grads_ok, loss_ok, bad, amp, detected)
     _distributed.agree_(flags, process_group)
-    skip = responder.skip(flags)
+    skip, accepted = responder.skip(flags, grads_ok, loss_ok)
     return Measured(
-        signals, norms, clip, flags, skip, ~skip & grads_ok & loss_ok, amp_overflow,
-        [d.score for d in detections],
-    )  # fmt: skip
+        signals, norms, clip, flags, skip, accepted, amp_overflow, [d.score for d in detections]
+    )

@@ -45,6 +45,8 @@ from typing import Any, ClassVar, NoReturn, Protocol
 import torch
 from torch import Tensor
 
+from gradguard.core.fuse import Kernel
+
 __all__ = [
     "ACTIONS",
     "RESPONSES",
@@ -402,6 +404,32 @@ class Verdict:
         return self.action in SKIPPING
 
 
+def _flags(
+    clipped: Tensor, grads_ok: Tensor, loss_ok: Tensor, bad: Tensor | None, amp: bool,
+    detected: list[Tensor],
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """:meth:`Responder.flags`' arithmetic: ``[clipped, amp_overflow, nonfinite, *detected]``."""
+    if bad is None:
+        bad = ~(grads_ok & loss_ok)
+    # Under AMP, non-finite gradients are the loss scale's overflow, not an incident.
+    amp_overflow = ~grads_ok if amp else torch.zeros_like(grads_ok)
+    nonfinite = (~loss_ok | (bad & grads_ok)) if amp else bad
+    quiet = ~amp_overflow  # a loss-scale overflow is no spike
+    parts = [clipped, amp_overflow, nonfinite, *(d.to(torch.bool) & quiet for d in detected)]
+    return torch.stack([p.to(torch.bool) for p in parts]).to(torch.float32), amp_overflow
+
+
+def _skip(flags: Tensor, mask: Tensor, grads_ok: Tensor, loss_ok: Tensor) -> tuple[Tensor, Tensor]:
+    """:meth:`Responder.skip`'s arithmetic."""
+    skip = (flags * mask).amax() > 0
+    return skip, ~skip & grads_ok & loss_ok
+
+
+# The flag vector and the skip decision, fused when the responder's ``fuse`` mode says so.
+_FLAGS = Kernel(_flags)
+_SKIP = Kernel(_skip)
+
+
 class Responder:
     """The signal layout, ladders, budgets, counters and reasons of one guard.
 
@@ -457,23 +485,35 @@ class Responder:
         ]
         self._skip_mask = torch.tensor(self._skip_bits)
         self._masks: dict[torch.device, Tensor] = {}
+        self.fuse: bool | None = False  # the device side compiled (gradguard.core.fuse)
 
     # ------------------------------------------------------------------ device side
 
     def flags(
-        self, clipped: Tensor, amp_overflow: Tensor, nonfinite: Tensor, detected: Sequence[Tensor]
-    ) -> Tensor:
-        """The step's flag vector (fp32 0/1 on ``clipped``'s device), in :attr:`keys` order."""
-        device = clipped.device
-        parts = [clipped, amp_overflow, nonfinite, *detected]
-        return torch.stack([p.to(device, torch.bool) for p in parts]).to(torch.float32)
+        self, clipped: Tensor, grads_ok: Tensor, loss_ok: Tensor, bad: Tensor | None, amp: bool,
+        detected: Sequence[Tensor],
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """The step's flag vector (fp32 0/1 on ``clipped``'s device, :attr:`keys` order) and the
+        loss scaler's own overflow.
 
-    def skip(self, flags: Tensor) -> Tensor:
-        """0-dim bool on the device: some fired signal's first rung does not apply the step."""
+        Args:
+            clipped: the policy clipped the gradients.
+            grads_ok, loss_ok: every gradient, the loss, is finite.
+            bad: a :class:`~gradguard.decide.detect.NonFiniteDetector`'s flag, or ``None`` for
+                the built-in rule (a non-finite gradient or loss).
+            amp: an enabled GradScaler unscaled the gradients: non-finite ones are its overflow,
+                not an incident, and no spike either.
+            detected: the detectors' flags, in :attr:`keys` order, on ``clipped``'s device.
+        """
+        return _FLAGS(self.fuse, clipped, grads_ok, loss_ok, bad, amp, list(detected))
+
+    def skip(self, flags: Tensor, grads_ok: Tensor, loss_ok: Tensor) -> tuple[Tensor, Tensor]:
+        """0-dim bools on the device: the step must not be applied (some fired signal's first
+        rung does not apply it), and it is accepted (applied and finite)."""
         mask = self._masks.get(flags.device)
         if mask is None:
             mask = self._masks[flags.device] = self._skip_mask.to(flags.device)
-        return (flags * mask).amax() > 0
+        return _SKIP(self.fuse, flags, mask, grads_ok, loss_ok)
 
     # ------------------------------------------------------------------ host side
 
