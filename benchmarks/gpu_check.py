@@ -178,13 +178,18 @@ class _Flushes:
 class Run:
     """A model, its optimizer (and scaler), and one training step, guarded or torch-clipped."""
 
-    def __init__(self, base: nn.Module, variant: str, guarded: bool) -> None:
+    def __init__(
+        self, base: nn.Module, variant: str, guarded: bool, compile: bool | None = None
+    ) -> None:
         fused, self.dtype, scaled, _ = VARIANTS[variant]
         self.device = next(base.parameters()).device.type
         self.model = copy.deepcopy(base)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, fused=fused)
         self.scaler = torch.amp.GradScaler(self.device) if scaled else None
-        self.guard = gg.Guard(self.model, self.opt, scaler=self.scaler) if guarded else None
+        config = gg.GuardConfig(compile=compile)  # None: compiled on CUDA, the default
+        self.guard = (
+            gg.Guard(self.model, self.opt, scaler=self.scaler, config=config) if guarded else None
+        )
         self.flushes = _Flushes()
         if self.guard is not None:
             self.guard.recorder.sinks.append(self.flushes)
@@ -316,8 +321,13 @@ def step_ms(run: Run) -> float:
 
 
 def launches_and_time(base: nn.Module, variant: str, sizes: Sizes) -> dict[str, Any]:
-    """Launches per step and median step ms (alternating) of torch clip and guard."""
-    runs = {"torch clip": Run(base, variant, False), "guard": Run(base, variant, True)}
+    """Launches per step and median step ms (alternating) of torch clip, the guard with its
+    defaults (its decision compiled on CUDA) and the guard with an eager decision."""
+    runs = {
+        "torch clip": Run(base, variant, False),
+        "guard": Run(base, variant, True),
+        "guard eager": Run(base, variant, True, compile=False),
+    }
     for r in runs.values():
         for _ in range(sizes.warmup):
             r.step()
@@ -330,8 +340,10 @@ def launches_and_time(base: nn.Module, variant: str, sizes: Sizes) -> dict[str, 
     return {
         "launches_per_step": launches,
         "extra_launches": launches["guard"] - launches["torch clip"],
+        "extra_launches_eager": launches["guard eager"] - launches["torch clip"],
         "step_ms": ms,
         "ratio": ms["guard"] / ms["torch clip"],
+        "ratio_eager": ms["guard eager"] / ms["torch clip"],
     }
 
 
@@ -350,7 +362,8 @@ def _line(name: str, r: dict[str, Any]) -> str:
         f"{'ok' if sk['spike']['ok'] else 'FAILED'}  launches {t['launches_per_step']['guard']:.0f}"
         f" vs {t['launches_per_step']['torch clip']:.0f} (+{t['extra_launches']:.0f})  "
         f"time x{t['ratio']:.3f} ({t['step_ms']['guard']:.2f} / "
-        f"{t['step_ms']['torch clip']:.2f} ms)"
+        f"{t['step_ms']['torch clip']:.2f} ms); eager decision +{t['extra_launches_eager']:.0f} "
+        f"launches, x{t['ratio_eager']:.3f}"
     )
 
 
