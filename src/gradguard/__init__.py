@@ -26,6 +26,7 @@ from gradguard.decide.detect import Detection as Detection
 from gradguard.decide.detect import Detector as Detector
 from gradguard.decide.detect import DivergenceDetector as DivergenceDetector
 from gradguard.decide.detect import NonFiniteDetector as NonFiniteDetector
+from gradguard.decide.detect import RatioSpikeDetector as RatioSpikeDetector
 from gradguard.decide.detect import Signals as Signals
 from gradguard.decide.detect import SpikeDetector as SpikeDetector
 from gradguard.decide.detect import UpdateRatioDetector as UpdateRatioDetector
@@ -34,6 +35,7 @@ from gradguard.decide.policies import AGCPolicy as AGCPolicy
 from gradguard.decide.policies import ClipPolicy as ClipPolicy
 from gradguard.decide.policies import EMARatioClip as EMARatioClip
 from gradguard.decide.policies import FixedThreshold as FixedThreshold
+from gradguard.decide.policies import MedianClip as MedianClip
 from gradguard.decide.policies import QuantileClip as QuantileClip
 from gradguard.decide.policies import ZScoreClip as ZScoreClip
 from gradguard.guard.guard import Guard as Guard
