@@ -87,10 +87,12 @@ class Kernel(Generic[R]):
         if self.failed is not None or not compiles(mode, first.device):
             return self.fn(first, *args)
         try:
-            if self._compiled is None:
-                self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
+            if self.compiled:
+                return self._compiled(first, *args)  # type: ignore[misc]
+            self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
             # torch's own deprecation notices while it compiles are not the user's business
-            # (and a test run that makes warnings errors would turn them into failures).
+            # (and a test run that makes warnings errors would turn them into failures). A
+            # later recompile (other dtypes) that warns falls back to eager below.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = self._compiled(first, *args)
