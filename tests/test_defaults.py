@@ -313,3 +313,74 @@ def test_a_window_of_five_nan_batches_is_skipped_not_fatal() -> None:
         pytest.fail(f"aborted: {e}")
     assert guard is not None and guard.counters.skips == 5
     assert all(p.isfinite().all() for p in model.parameters())
+
+
+def _cnn_images(n: int, g: torch.Generator) -> Batch:
+    """Ten blurred 16x16 templates, shifted by up to 2 pixels, plus unit noise."""
+    templates = nn.functional.avg_pool2d(
+        torch.randn(10, 1, 16, 16, generator=torch.Generator().manual_seed(12345)), 3, 1, 1
+    )
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = templates[y] * 3
+    shifts = torch.randint(-2, 3, (n, 2), generator=g)
+    x = torch.stack([torch.roll(x[i], (int(a), int(b)), (1, 2)) for i, (a, b) in enumerate(shifts)])
+    return x + torch.randn(x.shape, generator=g), y
+
+
+def _plain_cnn(seed: int) -> nn.Module:
+    """12 plain 3x3 convolutions of 16 channels (Kaiming init, no normalization)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Conv2d(1, 16, 3, padding=1), nn.ReLU()]
+    for i in range(11):
+        layers += [nn.Conv2d(16, 16, 3, padding=1, stride=2 if i in (3, 7) else 1), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0, math.sqrt(2.0 / m.weight[0].numel()))
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def test_a_clean_sgd_cnn_whose_norms_grow_past_1_keeps_its_learning_rate() -> None:
+    # A well-tuned plain CNN (SGD lr 0.01, momentum 0.9, batch 32) whose healthy gradient norm
+    # grows to 10-30. A cap of 1.0 (the earlier default) clipped 56-83% of its steps and doubled
+    # its held-out loss; a threshold relative to the run's own norms follows the rise. Measured:
+    # at these 150 steps held-out CE 1.02 guarded against 1.31 unguarded, 22 steps clipped; at
+    # 300 steps 0.289 against 0.262 (seed 0) and 0.393 against 0.336 (seed 7), the two seeds
+    # 0.07 apart, 12-13% of the steps clipped.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convolutions: threads only cost on a shared machine
+    try:
+        final, actions = _clean_cnn_runs()
+    finally:
+        torch.set_num_threads(threads)
+    assert set(actions) <= {"step", "clip"}, actions  # no skip, no back-off
+    assert actions.get("clip", 0) <= 0.25 * STEPS_CNN, actions
+    assert final["guard"] <= 1.2 * final["none"], final
+
+
+def _clean_cnn_runs() -> tuple[dict[str, float], dict[str, int]]:
+    g = torch.Generator().manual_seed(200)
+    batches = [_cnn_images(32, g) for _ in range(STEPS_CNN)]
+    held = _cnn_images(500, torch.Generator().manual_seed(999))
+    final = {}
+    for mode in ("none", "guard"):
+        model = _plain_cnn(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        guard = Guard(model, opt) if mode == "guard" else None
+        for x, y in batches:
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            if guard is not None:
+                guard.step(loss)
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            final[mode] = float(nn.functional.cross_entropy(model(held[0]), held[1]))
+        if guard is not None:
+            actions = _actions(guard)
+    return final, actions
+
+
+STEPS_CNN = 150
