@@ -40,11 +40,12 @@ pytest: $(VENV)/.dev
 	$(PY) -m pytest -n 2 -p no:cacheprovider tests
 
 # Wide, random fuzzing of every hypothesis test (profile "fuzz": random examples, no database),
-# FUZZ_ROUNDS times over, each round drawing new examples: for finding bugs, not for CI.
+# FUZZ_ROUNDS times over, each round drawing new examples: for finding bugs, not for CI. No
+# per-test time limit: ten times the programs of `make test` run for many minutes.
 FUZZ_ROUNDS ?= 10
 fuzz: $(VENV)/.dev
 	for i in $$(seq $(FUZZ_ROUNDS)); do \
-		HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -n 2 -q -p no:cacheprovider \
+		HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -n 2 -q -p no:cacheprovider --timeout=0 \
 			$$(grep -l hypothesis tests/test_*.py) || exit 1; \
 	done
 

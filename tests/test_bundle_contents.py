@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from gradguard.core.snapshot import forward_rng_state, restore, rng_state
+from gradguard.core.snapshot import (
+    capture,
+    forward_rng_state,
+    restore,
+    rng_state,
+    save_snapshot,
+)
 from gradguard.core.version import version
 from gradguard.guard.incident import IncidentWriter
 from gradguard.records.bundle import (
@@ -316,8 +323,6 @@ def test_a_model_without_parameters_is_on_the_cpu() -> None:
 
 
 def test_a_snapshot_that_is_no_bundle_is_refused_by_file_name(tmp_path: Path) -> None:
-    from gradguard.core.snapshot import capture, save_snapshot
-
     model = linear()
     path = save_snapshot(
         tmp_path / "plain-snapshot.pt",
@@ -326,6 +331,36 @@ def test_a_snapshot_that_is_no_bundle_is_refused_by_file_name(tmp_path: Path) ->
     with pytest.raises(BundleError) as err:
         load_bundle(path)
     assert str(err.value).startswith(f"{path} is a gradguard snapshot but not an incident bundle")
+
+
+def test_the_incident_version_is_checked_and_may_be_absent(tmp_path: Path) -> None:
+    snap = make_bundle(spec())
+    del snap["incident"]["version"]  # an early bundle: read as version 0
+    old = save_snapshot(tmp_path / "old.pt", snap)
+    b = load_bundle(old)
+    assert b.path == old and b.action == "skip" and "version" not in b.meta
+    snap["incident"]["version"] = 2
+    newer = save_snapshot(tmp_path / "newer.pt", snap)
+    with pytest.raises(BundleError, match="incident version 2, newer than this gradguard reads"):
+        load_bundle(newer)
+
+
+class RawPickler:
+    """Writes a hand-made protocol-0 pickle (the INST opcode builds an OrderedDict): what an old
+    or forged file may hold instead of torch's own pickle."""
+
+    def __init__(self, f: Any, protocol: int = 2) -> None:
+        self.f = f
+
+    def dump(self, obj: Any) -> None:
+        self.f.write(b"(icollections\nOrderedDict\n.")
+
+
+def test_a_hand_made_pickle_is_refused_as_a_pickled_object(tmp_path: Path) -> None:
+    path = tmp_path / "forged.pt"
+    torch.save({"a": 1}, path, pickle_module=SimpleNamespace(Pickler=RawPickler, __name__="raw"))
+    with pytest.raises(BundleError, match="holds a pickled Python object and was refused"):
+        load_bundle(path)
 
 
 # -- ranks ---------------------------------------------------------------------------------------
