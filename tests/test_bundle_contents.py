@@ -462,3 +462,33 @@ def test_a_failed_write_is_recorded_not_raised(tmp_path: Path, caplog) -> None:
     ok = IncidentWriter(tmp_path / "ok")
     path = ok.write(spec(step=9))
     assert path is not None and ok.written == [path] and ok.errors == []
+
+
+def test_restore_puts_a_run_back_to_the_start_of_a_guard_written_incident(tmp_path) -> None:
+    # The bundle the guard writes holds the RNG state from before the step's forward (torch's,
+    # CUDA's) beside the others (numpy, Python): restore() sets every one of them.
+    from gradguard import Guard, GuardConfig
+    from gradguard.core.snapshot import restore
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = Guard(model, opt, config=GuardConfig(incident_dir=str(tmp_path)))
+    for step in range(3):
+        x = torch.randn(8, 4)
+        if step == 2:  # the state at the incident step's forward
+            weights = [p.detach().clone() for p in model.parameters()]
+            rng = torch.get_rng_state()
+            x[0] = float("nan")
+        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        guard.step(loss, batch=(x,))
+        opt.zero_grad()
+    (path,) = tmp_path.glob("*.pt")
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    restore(load_bundle(path).snapshot, model, opt)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert torch.equal(torch.get_rng_state(), rng)

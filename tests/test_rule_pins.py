@@ -678,6 +678,9 @@ def test_nonfinite_errors() -> None:
     q = torch.zeros(2, requires_grad=True)
     q.grad = torch.tensor([3.0, 4.0])
     assert float(get_total_norm([q.grad], error_if_nonfinite=True)) == 5.0
+    assert float(clip_grad_norm_([q], 1.0, error_if_nonfinite=True)) == 5.0  # a finite norm clips
+    clip_grads_with_norm_([q], 0.5, torch.tensor(1.0), nonfinite="error")
+    assert q.grad.tolist() == pytest.approx([0.3, 0.4], rel=1e-5)
 
 
 def test_torch_style_clips_pass_foreach_through() -> None:
@@ -831,3 +834,24 @@ def test_scores_without_a_signal_are_fp32_under_an_fp64_default() -> None:
     assert update_ratios([], []).dtype == F32
     r = update_ratios([torch.ones(3, dtype=F32)], [torch.full((3,), 2.0, dtype=F32)])
     assert r.dtype == F32 and r.tolist() == [1.0]
+
+
+def test_loss_detectors_keep_fp32_statistics_under_an_fp64_default_dtype() -> None:
+    # Their state is fp32 by spec (a load_state_dict round trip converts it there): a run under
+    # torch.set_default_dtype(torch.float64) must not start it in fp64.
+    from gradguard.decide.detect import RatioSpikeDetector, SpikeDetector
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        f32 = torch.float32
+        s = Signals(0, torch.tensor(1.0, dtype=f32), [torch.tensor(1.0, dtype=f32)] * 2,
+                    ["a", "b"], torch.tensor(True), torch.tensor(1.0, dtype=f32))  # fmt: skip
+        for d in (SpikeDetector(window=4, warmup=2), RatioSpikeDetector(window=4)):
+            for _ in range(3):
+                d.check(s)
+                d.update(s, torch.tensor(True))
+            assert d.check(s).score.dtype == f32
+            assert all(t.dtype in (f32, torch.int64) for t in d.state_dict()["state"].values())
+    finally:
+        torch.set_default_dtype(before)

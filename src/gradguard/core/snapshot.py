@@ -560,6 +560,14 @@ class SnapshotStore:
             positions = [pos for _, pos, _ in self._files]
         return any(max_position is None or pos <= max_position for pos in positions)
 
+    def oldest(self) -> int | None:
+        """The data position of the oldest kept snapshot (``None``: none kept; no file read)."""
+        if self.directory is None:
+            positions = [int(s["position"]) for s in self._memory]
+        else:
+            positions = [pos for _, pos, _ in self._files]
+        return min(positions, default=None)
+
     def __len__(self) -> int:
         return len(self._memory) if self.directory is None else len(self._files)
 

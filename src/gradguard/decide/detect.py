@@ -255,7 +255,7 @@ class SpikeDetector(Detector):
 
     def _fresh_state(self, like: Tensor) -> dict[str, Tensor]:
         return {
-            "buffer": torch.full((self.window,), math.nan, device=like.device),
+            "buffer": torch.full((self.window,), math.nan, dtype=torch.float32, device=like.device),
             "count": torch.zeros((), dtype=torch.int64, device=like.device),
         }
 
@@ -441,7 +441,9 @@ class RatioSpikeDetector(Detector):
 
     def _fresh_state(self, like: Tensor) -> dict[str, Tensor]:
         return {
-            "history": torch.full((self.window,), math.nan, device=like.device),
+            "history": torch.full(
+                (self.window,), math.nan, dtype=torch.float32, device=like.device
+            ),
             "count": torch.zeros((), dtype=torch.int64, device=like.device),
             "streak": torch.zeros((), dtype=torch.int64, device=like.device),
         }

@@ -248,6 +248,7 @@ class Guard:
         self.buffers = _skip.BufferKeeper(model, buffers=config.keep_buffers, rng=wants_rng)
         self.lr_scale = _skip.LRScale()
         self.step_count, self.position, self.stage = 0, 0, Stage.READY
+        self._jumps = 0  # rollbacks, resumes and state loads: the position moved elsewhere
         self._pending: PendingStep | None = None
         self._disarm: list[Callable[[], None]] = []  # undone after the optimizer step
         self._step_hooks: list[Callable[[StepReport], None]] = []
@@ -331,8 +332,9 @@ class Guard:
 
         After a rollback it replays from the snapshot's position and leaves out the bad window,
         exactly like the position-driven loop. ``per_step`` items make one optimizer step
-        (gradient accumulation). Exact with ``num_workers=0``; with worker processes the
-        DataLoader asks for batches ahead of the guard's decisions (see docs/guard.md).
+        (gradient accumulation). Exact with ``num_workers=0``; with worker processes, which ask
+        for batches ahead, each batch comes once, and after a rollback the batches already
+        fetched arrive first (see docs/guard.md).
 
         Returns:
             The wrapping sampler.
@@ -343,7 +345,9 @@ class Guard:
             per_step=per_step,
             position=lambda: self.position,
             drop=self.drop_batch,
-            version=lambda: len(self.skip_list.windows),
+            version=lambda: len(self.skip_list),  # positions skipped: grows as windows merge
+            horizon=lambda: self.snapshots.oldest(),
+            jumps=lambda: self._jumps,
         )
 
     def register_step_hook(
@@ -994,6 +998,7 @@ class Guard:
             self.lr_scale.scale = float(g.get("lr_scale", 1.0))
         self.step_count = int(snap["step"])
         self.position = self.skip_list.next_allowed(int(snap["position"]))
+        self._jumps += 1  # a skip sampler follows the position now (rollback.SkipSampler)
         self.buffers.keep_()
         self.responder.refresh()
         self.rollbacks.stale = False  # the guard's own load: the snapshots still fit
@@ -1050,6 +1055,7 @@ class Guard:
             d.load_state_dict(st)
         self.step_count = int(state["step"])
         self.position = int(state["position"])
+        self._jumps += 1
         self.rollbacks.load_state_dict(state)
         self.lr_scale.scale = float(state.get("lr_scale", 1.0))
         self.recorder.load_state_dict(state["recorder"])

@@ -99,6 +99,13 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
         drop: ``() -> int``, moves the position past an item left out (position-driven only).
         version: ``() -> Any``, changes when a bad window is added (the guard's skip list), so
             the items of a new window are remembered even when the guard lands on the next item.
+        jumps: ``() -> Any``, changes when the guard's position jumps (a rollback, a resume):
+            only then (and at an epoch's first item) does the sampler follow the position; in
+            between it hands out the next items in order, so a DataLoader's worker processes,
+            which ask for items ahead of the guard's steps, get each item once.
+        horizon: ``() -> int | None``, the oldest position a rollback can go back to (the
+            oldest snapshot's): the orders of the epochs since then are kept, so a rollback
+            more than an epoch back replays that epoch's order (``None``: the last two epochs).
 
     Example:
         >>> loader = DataLoader(ds, batch_sampler=guard.skip_sampler(BatchSampler(s, 32, False)))
@@ -113,6 +120,8 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
         position: Callable[[], int] | None = None,
         drop: Callable[[], int] | None = None,
         version: Callable[[], Any] | None = None,
+        horizon: Callable[[], int | None] | None = None,
+        jumps: Callable[[], Any] | None = None,
     ) -> None:
         if not callable(should_skip):
             raise TypeError("should_skip must be callable")
@@ -120,7 +129,12 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
             raise ValueError(f"per_step must be an int >= 1, got {per_step!r}")
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise ValueError(f"start must be an int >= 0, got {start!r}")
-        for name, fn in (("position", position), ("drop", drop)):
+        for name, fn in (
+            ("position", position),
+            ("drop", drop),
+            ("horizon", horizon),
+            ("jumps", jumps),
+        ):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable or None")
         self.sampler = sampler
@@ -129,6 +143,8 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
         self.position = position
         self.drop = drop
         self.version = version
+        self.horizon = horizon
+        self.jumps = jumps
         self.bad: set[Any] = set()  # keys of items found in bad windows
         self.count = start * per_step  # items enumerated so far, skipped ones included
         # Position-driven mode: the epochs drawn so far, as (first position, items), newest last.
@@ -148,17 +164,26 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
         assert self.position is not None
         cursor, sub = divmod(self.count, self.per_step)
         items = list(self.sampler)
-        self._epochs = [*self._epochs[-1:], (cursor, items)]
+        self._epochs = [*self._kept_epochs(), (cursor, items)]
         end = cursor + -(-len(items) // self.per_step)
         seen: int | None = None  # the guard's position when the last item was handed out
         known = self.version() if self.version is not None else None
+        jumps = self.jumps() if self.jumps is not None else None
         while True:
             now = self.position()
             new = self.version() if self.version is not None else None
-            if self.drop is not None and (now not in (seen, cursor) or new != known):
+            jumped = self.jumps() if self.jumps is not None else None
+            # Follow the guard's position at the epoch's first item and after a rollback or a
+            # resume; between those, a position behind the cursor is a DataLoader's workers
+            # asking ahead, not a jump. Without a jump counter every move is a jump.
+            moved = now not in (seen, cursor) and (
+                self.jumps is None or seen is None or jumped != jumps
+            )
+            jumps = jumped
+            if self.drop is not None and (moved or new != known):
                 self._remember_bad(max(cursor, now))  # a rollback added a bad window
             known = new
-            if now not in (seen, cursor):
+            if moved:
                 # The guard moved elsewhere than the next item: a rollback (or a resume).
                 cursor, sub = now, 0
             while self.should_skip(cursor):
@@ -185,6 +210,15 @@ class SkipSampler(torch.utils.data.Sampler[Any]):
             self.count = cursor * self.per_step + sub
             seen = self.position()
             yield item
+
+    def _kept_epochs(self) -> list[tuple[int, list[Any]]]:
+        """The epochs a rollback may still go back into: from the one holding the horizon on
+        (the previous one without a horizon, or before the first snapshot)."""
+        oldest = self.horizon() if self.horizon is not None else None
+        if oldest is None:
+            return self._epochs[-1:]
+        first = max((i for i, (a, _) in enumerate(self._epochs) if a <= oldest), default=0)
+        return self._epochs[first:]
 
     def _remember_bad(self, upto: int) -> None:
         """Remember the items of every skipped position up to ``upto`` in the kept epochs."""

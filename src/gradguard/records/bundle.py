@@ -377,13 +377,17 @@ def make_bundle(spec: BundleSpec, max_batch_bytes: float = math.inf) -> dict[str
     """
     inner = unwrap_model(spec.model)
     optimizer, scaler, batch = spec.optimizer, spec.scaler, spec.batch
-    snap = capture(inner, optimizer, spec.scheduler, scaler, step=spec.step, position=spec.position)
+    # The state of the RNGs before this step's forward pass, not now (dropout already drew):
+    # the generators spec.rng names (torch's, CUDA's) replace the current ones, the others
+    # (numpy, Python) are kept, so restore() finds every generator it sets.
+    snap = capture(
+        inner, optimizer, spec.scheduler, scaler, step=spec.step, position=spec.position,
+        rng=to_cpu(dict(spec.rng)),
+    )  # fmt: skip
     snap["model"] = strip_prefixes(snap["model"])
     if spec.buffers is not None:
         before = strip_prefixes(to_cpu(dict(spec.buffers)))
         snap["model"].update({k: v for k, v in before.items() if k in snap["model"]})
-    # The state of the RNGs before this step's forward pass, not now (dropout already drew).
-    snap["rng"] = to_cpu(dict(spec.rng))
     rank, world = _dist()
     size = _nbytes(batch)
     stored: Any = None
