@@ -42,7 +42,7 @@ def _same(a: object, b: object) -> None:
         _same(x, y)
 
 
-def _both(kernel: Kernel, *args: object) -> None:
+def _check_compiled_is_eager(kernel: Kernel, *args: object) -> None:
     eager = kernel(False, *args)
     compiled = kernel(True, *args)
     assert kernel.failed is None and kernel.compiled, kernel.failed
@@ -71,16 +71,16 @@ def test_median_clip_kernels() -> None:
     for history in HISTORIES:
         for count in (0, 3, 16, 17):
             c = _s(count, torch.int64)
-            _both(policies._MEDIAN_LIMIT, history, c, 2.0)
+            _check_compiled_is_eager(policies._MEDIAN_LIMIT, history, c, 2.0)
             median, limit = policies._median_limit(history, c, 2.0)
             for g in NORMS:
                 for accepted in (True, False):
-                    _both(
+                    _check_compiled_is_eager(
                         policies._MEDIAN_LEARN, history, c, _s(g), torch.tensor(accepted),
                         median, limit, 2.0,
                     )  # fmt: skip
     h64 = torch.linspace(0.5, 9.0, 16, dtype=torch.float64)  # fp64 statistics for fp64 grads
-    _both(policies._MEDIAN_LIMIT, h64, _s(16, torch.int64), 2.0)
+    _check_compiled_is_eager(policies._MEDIAN_LIMIT, h64, _s(16, torch.int64), 2.0)
 
 
 LOSSES = [TINY, 0.5, 5.0, 50.0, 1e6, math.inf, math.nan, 0.0, -1.0]
@@ -99,13 +99,13 @@ def test_ratio_spike_kernels() -> None:
             for streak in (0, 1):
                 st = _s(streak, torch.int64)
                 for x in LOSSES:
-                    _both(detect._RATIO_CHECK, _s(x), history, c, st, 10.0, 1)
+                    _check_compiled_is_eager(detect._RATIO_CHECK, _s(x), history, c, st, 10.0, 1)
                     above, top, _, _ = detect._ratio_check(_s(x), history, c, st, 10.0, 1)
                     for grads_finite, norm, accepted in (
                         (True, 1.0, True), (True, 1.0, False), (False, math.nan, True),
                         (True, math.inf, True),
                     ):  # fmt: skip
-                        _both(
+                        _check_compiled_is_eager(
                             detect._RATIO_LEARN, _s(x), torch.tensor(grads_finite), _s(norm),
                             torch.tensor(accepted), above, top, history, c, st, 10.0,
                         )  # fmt: skip
@@ -126,12 +126,12 @@ def test_divergence_kernels() -> None:
             *(_s(v, torch.int64) for v in (count, wait, fires)),
         )
         for loss, anchor in ((1.5, 0.0), (1.5, 2.0), (TINY, 3.0), (math.inf, 1.0), (-1.0, 1.0)):
-            _both(detect._DIVERGENCE_RATIO, _s(loss), _s(anchor))
+            _check_compiled_is_eager(detect._DIVERGENCE_RATIO, _s(loss), _s(anchor))
         for x, loss in ((0.0, 1.0), (TINY, 1.0), (0.4, 2.0), (3.0, 9.0), (-2.0, 0.1),
                         (math.inf, math.inf), (math.nan, math.nan), (0.0, -1.0)):  # fmt: skip
             for grads_finite, norm in ((True, 1.0), (False, math.nan), (True, math.inf)):
                 args = (_s(x), _s(loss), torch.tensor(grads_finite), _s(norm))
-                _both(
+                _check_compiled_is_eager(
                     detect._DIVERGENCE_FLAG, *args, tensors[1], tensors[2], tensors[5],
                     tensors[6], tensors[7], det.warmup, det.beta, det.noise, math.log(det.ratio),
                 )  # fmt: skip
@@ -140,7 +140,7 @@ def test_divergence_kernels() -> None:
                     det.warmup, det.beta, det.noise, math.log(det.ratio),
                 )  # fmt: skip
                 for accepted, fired in ((True, False), (False, False), (True, True)):
-                    _both(
+                    _check_compiled_is_eager(
                         detect._DIVERGENCE_LEARN, _s(x), okt, _s(loss), torch.tensor(accepted),
                         torch.tensor(fired), *tensors, *consts,
                     )  # fmt: skip
@@ -150,7 +150,7 @@ def test_scale_free_clip_kernel() -> None:
     for limit in (math.inf, 2.0, TINY, 1e30):
         for total in NORMS:
             t = _s(total)
-            _both(clip._RATIO_CLIP, _s(limit), t, t.isfinite())
+            _check_compiled_is_eager(clip._RATIO_CLIP, _s(limit), t, t.isfinite())
 
 
 def test_flag_vector_and_skip_kernels() -> None:
@@ -165,9 +165,9 @@ def test_flag_vector_and_skip_kernels() -> None:
             for amp in (False, True):
                 for detected in ((False, True), (True, True)):
                     args = (b(clipped), b(grads_ok), b(loss_ok), None if bad is None else b(bad))
-                    _both(response._FLAGS, *args, amp, [b(d) for d in detected])
+                    _check_compiled_is_eager(response._FLAGS, *args, amp, [b(d) for d in detected])
                     flags, _ = response._flags(*args, amp, [b(d) for d in detected])
-                    _both(response._SKIP, flags, mask, b(grads_ok), b(loss_ok))
+                    _check_compiled_is_eager(response._SKIP, flags, mask, b(grads_ok), b(loss_ok))
 
 
 # -- a guarded run, compiled and eager ----------------------------------------------------------
