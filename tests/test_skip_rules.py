@@ -648,3 +648,56 @@ def test_a_window_that_merges_with_the_last_one_is_still_left_out_next_epoch():
         4,
         5,
     ]  # batch 3 joined the window of batch 2: left out too
+
+
+# -- the learning-rate back-off ----------------------------------------------------------------
+
+
+def _groups(*lrs: Any) -> torch.optim.Optimizer:
+    params = [nn.Parameter(torch.zeros(1)) for _ in lrs]
+    opt = torch.optim.SGD([{"params": [p], "lr": 0.1} for p in params], lr=0.1)
+    for group, lr in zip(opt.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    return opt
+
+
+def test_a_backoff_scales_every_groups_lr_for_the_step_and_puts_back_the_exact_values() -> None:
+    from gradguard.guard.skip import LRScale
+
+    tensor_lr = torch.tensor(0.3)
+    opt = _groups(0.1, tensor_lr, 0.7)
+    lr = LRScale()
+    lr.apply(opt)  # scale 1: nothing to do, nothing saved
+    assert [g["lr"] for g in opt.param_groups] == [0.1, tensor_lr, 0.7]
+    assert lr.effective(0.5) == 0.5
+    lr.backoff(0.5)
+    lr.backoff(0.5)
+    assert lr.scale == 0.25 and lr.effective(0.5) == 0.125
+    lr.apply(opt)
+    assert opt.param_groups[0]["lr"] == 0.1 * 0.25 and opt.param_groups[2]["lr"] == 0.7 * 0.25
+    assert opt.param_groups[1]["lr"] is tensor_lr and float(tensor_lr) == float(
+        torch.tensor(0.3) * 0.25
+    )  # a tensor lr (capturable optimizers) is scaled in place
+    lr.apply(opt)  # twice before a restore: still scaled once
+    assert opt.param_groups[0]["lr"] == 0.1 * 0.25
+    lr.restore()
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[2]["lr"] == 0.7
+    assert opt.param_groups[1]["lr"] is tensor_lr and torch.equal(tensor_lr, torch.tensor(0.3))
+    lr.restore()  # nothing saved any more: a second restore changes nothing
+    assert [g["lr"] for g in opt.param_groups][::2] == [0.1, 0.7]
+
+
+def test_a_backoff_leaves_a_group_without_lr_alone_and_restores_a_replaced_tensor() -> None:
+    from gradguard.guard.skip import LRScale
+
+    opt = _groups(0.2, 0.4)
+    del opt.param_groups[0]["lr"]  # an optimizer whose group has no lr (schedule-free kinds)
+    lr = LRScale()
+    lr.backoff(0.5)
+    lr.apply(opt)
+    assert "lr" not in opt.param_groups[0] and opt.param_groups[1]["lr"] == 0.2
+    opt.param_groups[1]["lr"] = torch.tensor(9.0)  # the step replaced it by a tensor
+    lr.restore()
+    assert opt.param_groups[1]["lr"] == 0.4 and not isinstance(
+        opt.param_groups[1]["lr"], torch.Tensor
+    )
